@@ -1,0 +1,498 @@
+"""``ProjectedAccumulator``: PROMA accumulation into ``p.grad`` for any training loop."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._hooks import HookSet
+from ._kernels import Kernel, kernel_for
+from ._layout import SequenceLayout, TokenSegments
+from ._proma import SPAN_COEFFICIENTS, Projection, accumulate_proma
+from ._seq_grads import ByteMeter, TensorSequenceGradients, Use
+from ._stats import StatsRecorder, flatten
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class _Capture:
+    """One forward of a covered layer inside a microbatch; ``grad_out`` arrives in backward."""
+
+    x: torch.Tensor
+    seg: TokenSegments
+    cast: torch.dtype | None
+    grad_out: torch.Tensor | None = None
+
+    def receive(self, grad: torch.Tensor) -> None:
+        self.grad_out = grad if self.grad_out is None else self.grad_out + grad
+
+
+@dataclass
+class _Microbatch:
+    layout: SequenceLayout
+    advantages: torch.Tensor | None  # (k,) float64, in dense sequence order
+    captures: dict[nn.Module, list[_Capture]] = field(default_factory=dict)
+    roles_done: dict[nn.Module, int] = field(default_factory=dict)
+    before: dict[nn.Parameter, torch.Tensor | None] = field(default_factory=dict)
+    meter: ByteMeter = field(default_factory=ByteMeter)
+
+
+@dataclass
+class _Layer:
+    name: str
+    kernel: Kernel
+    roles: dict[str, nn.Parameter]
+
+
+class ProjectedAccumulator:
+    r"""Accumulate gradients over microbatches with PROMA, inside ``p.grad``, during backward.
+
+    For every covered parameter tensor ``t`` and microbatch ``m`` with sequences ``1..k``::
+
+        t.grad ← t.grad − strength · clamp(P_span(g_{m,1..k})(t.grad)) + g_m
+
+    where ``g_{m,i}`` is the gradient of ``t`` contributed by sequence ``i`` (computed by hooks on
+    the layers that use ``t``), ``g_m`` the microbatch gradient, ``P_span`` the orthogonal
+    projection onto the span of the ``g_{m,i}`` (``projection="exact"``) or the note's two-pass
+    Gram–Schmidt (``"gs2"``), and ``clamp`` scales the projected-away part down to norm
+    ``clamp · ‖g_m‖`` when it is longer. Other trainable tensors accumulate plainly.
+
+    Args:
+        model: the module whose layers are hooked.
+        projection: ``"exact"`` or ``"gs2"``.
+        clamp: bound on the removed part relative to ``‖g_m‖``; ``None`` turns the clamp off.
+            The note's experiment used 0.5.
+        strength: fraction in ``[0, 1]`` of the (clamped) projection removed; 0 is plain
+            accumulation.
+        optimizer: optional optimizer to wrap: ``zero_grad``, ``step``, ``param_groups``,
+            ``state_dict`` and ``load_state_dict`` then pass through.
+        exclude: ``fnmatch`` patterns of parameter names to accumulate plainly.
+        chunk_bytes: byte budget of one chunk of a tensor's per-sequence gradients
+            (``(k + 1) × rows × row size``); larger tensors are processed chunk by chunk.
+
+    Example::
+
+        acc = ProjectedAccumulator(model, projection="exact", clamp=0.5)
+        with acc:
+            opt.zero_grad()
+            for mb in microbatches:
+                with acc.microbatch(mb["seq_ids"]):
+                    loss_fn(model(mb["input_ids"]), mb).backward()
+            opt.step()
+
+    Reference: N. Abrahamsen, *Projected Microbatch Accumulation yields reference-free proximal
+    policy updates for reinforcement learning* (2025).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        projection: Projection = "exact",
+        clamp: float | None = 0.5,
+        strength: float = 1.0,
+        optimizer: torch.optim.Optimizer | None = None,
+        exclude: Iterable[str] = (),
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if projection not in SPAN_COEFFICIENTS:
+            raise ValueError(
+                f"projection must be one of {sorted(SPAN_COEFFICIENTS)}, got {projection!r}"
+            )
+        if clamp is not None and (
+            isinstance(clamp, bool)
+            or not isinstance(clamp, (int, float))
+            or not math.isfinite(clamp)
+            or clamp <= 0
+        ):
+            raise ValueError(f"clamp must be a finite number > 0 or None, got {clamp!r}")
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, (int, float))
+            or not 0.0 <= strength <= 1.0
+        ):
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        if optimizer is not None and not hasattr(optimizer, "param_groups"):
+            raise TypeError(
+                f"optimizer must be a torch optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        self.model = model
+        self.projection: Projection = projection
+        self.clamp = None if clamp is None else float(clamp)
+        self.strength = float(strength)
+        self.optimizer = optimizer
+        self.exclude = tuple(exclude)
+        self.chunk_bytes = chunk_bytes
+        self._hooks = HookSet()
+        self._state: _Microbatch | None = None
+        self._stats = StatsRecorder()
+        self._discover()
+
+    # ------------------------------------------------------------------ coverage
+    def _discover(self) -> None:
+        names: dict[nn.Parameter, str] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            names.setdefault(p, name)
+        aliases: dict[nn.Parameter, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(p, []).append(name)
+        self._names = names
+        self._trainable = [p for p in names if p.requires_grad]
+        self._layers: dict[nn.Module, _Layer] = {}
+        self._uses: dict[nn.Parameter, list[tuple[nn.Module, str]]] = {}
+        blocked: dict[nn.Parameter, str] = {}
+        for mod_name, module in self.model.named_modules(remove_duplicate=False):
+            kernel = kernel_for(module)
+            if kernel is None or module in self._layers:
+                continue
+            roles = {r: p for r, p in kernel.roles(module).items() if p.requires_grad}
+            if not roles:
+                continue
+            reason = kernel.unsupported(module)
+            if reason is not None:
+                for p in roles.values():
+                    blocked.setdefault(p, f"{reason} (layer '{mod_name}')")
+                continue
+            self._layers[module] = _Layer(mod_name or type(module).__name__, kernel, roles)
+            for role, p in roles.items():
+                self._uses.setdefault(p, []).append((module, role))
+        self._unprojected: dict[str, str] = {}
+        for p in self._trainable:
+            pattern = next(
+                (pat for pat in self.exclude for a in aliases[p] if fnmatch.fnmatchcase(a, pat)),
+                None,
+            )
+            if pattern is not None:
+                self._unprojected[names[p]] = f"excluded by pattern {pattern!r}"
+            elif p in blocked:
+                self._unprojected[names[p]] = blocked[p]
+            elif p not in self._uses:
+                self._unprojected[names[p]] = "not a parameter of a layer with a sequence kernel"
+        self._covered = {
+            p: names[p] for p in self._trainable if names[p] not in self._unprojected
+        }
+        # Only covered parameters are hooked per layer; a layer with none needs no forward hook.
+        for layer in self._layers.values():
+            layer.roles = {r: p for r, p in layer.roles.items() if p in self._covered}
+        self._layers = {m: layer for m, layer in self._layers.items() if layer.roles}
+        self._uses = {
+            p: [(m, r) for m, r in uses if m in self._layers]
+            for p, uses in self._uses.items()
+            if p in self._covered
+        }
+        try:
+            self._device = next(iter(names)).device if names else None
+        except StopIteration:  # pragma: no cover
+            self._device = None
+
+    def projected_parameters(self) -> list[str]:
+        """Names (as in ``model.named_parameters()``) of the tensors PROMA projects."""
+        return list(self._covered.values())
+
+    def unprojected_parameters(self) -> dict[str, str]:
+        """Trainable tensors accumulated plainly, with the reason for each."""
+        return dict(self._unprojected)
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self) -> ProjectedAccumulator:
+        """Attach the hooks. Raises if already attached."""
+        if self._hooks.attached:
+            raise RuntimeError("ProjectedAccumulator is already attached; detach() it first")
+        if self._unprojected:
+            listed = ", ".join(f"{n} ({r})" for n, r in list(self._unprojected.items())[:8])
+            more = len(self._unprojected) - 8
+            warnings.warn(
+                f"{len(self._unprojected)} trainable tensor(s) are accumulated plainly, without "
+                f"projection: {listed}{f', and {more} more' if more > 0 else ''}. "
+                "See unprojected_parameters().",
+                stacklevel=2,
+            )
+        self._hooks.attach(
+            list(self._layers), self._trainable, self._on_forward, self._on_grad
+        )
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook (safe to call twice)."""
+        self._state = None
+        self._hooks.detach()
+
+    @property
+    def attached(self) -> bool:
+        return self._hooks.attached
+
+    def __enter__(self) -> ProjectedAccumulator:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ microbatches
+    @contextlib.contextmanager
+    def microbatch(
+        self, seq_ids: torch.Tensor, advantages: torch.Tensor | None = None
+    ) -> Iterator[ProjectedAccumulator]:
+        """Context for one microbatch's forward and backward.
+
+        Args:
+            seq_ids: integer tensor, ``(B,)`` (sequence id of each row) or ``(B, T)`` (of each
+                token: packed rows); ``-1`` marks tokens of no sequence. Every hooked layer's
+                input must have these leading dims.
+            advantages: optional 1-D float tensor indexed by sequence id. If given, the
+                backward inside the context must be of the per-sequence log-probability terms
+                with unit advantages; the microbatch gradient becomes ``Σ_i adv[id_i] g_i``.
+
+        If anything raises inside the context, every ``p.grad`` is restored to what it was
+        before the microbatch.
+        """
+        if not self._hooks.attached:
+            raise RuntimeError(
+                "microbatch() needs attached hooks: use `with acc:` or call acc.attach() first"
+            )
+        if self._state is not None:
+            raise RuntimeError("microbatch contexts cannot be nested")
+        layout = SequenceLayout.from_seq_ids(seq_ids, self._device)
+        adv = self._check_advantages(advantages, layout)
+        state = _Microbatch(layout, adv)
+        if all(p.grad is None for p in self._trainable):
+            self._stats.new_step()
+        self._stats.new_microbatch()
+        self._state = state
+        try:
+            yield self
+        except BaseException:
+            for p, before in state.before.items():
+                p.grad = before
+            raise
+        finally:
+            self._state = None
+            self._stats.peak_seq_grad_bytes = max(
+                self._stats.peak_seq_grad_bytes, state.meter.peak
+            )
+
+    def _check_advantages(
+        self, advantages: torch.Tensor | None, layout: SequenceLayout
+    ) -> torch.Tensor | None:
+        if advantages is None:
+            return None
+        if not isinstance(advantages, torch.Tensor):
+            raise TypeError(
+                f"advantages must be a 1-D float torch.Tensor, got {type(advantages).__name__}"
+            )
+        if not advantages.is_floating_point() or advantages.dim() != 1:
+            raise TypeError(
+                f"advantages must be a 1-D float tensor, got dtype {advantages.dtype} and "
+                f"shape {tuple(advantages.shape)}"
+            )
+        max_id = int(layout.ids.max()) if layout.num_sequences else -1
+        if advantages.numel() <= max_id:
+            raise ValueError(
+                f"advantages has length {advantages.numel()} but is indexed by sequence id and "
+                f"seq_ids contains id {max_id}: need length > {max_id}"
+            )
+        if not bool(torch.isfinite(advantages).all()):
+            raise ValueError("advantages must be finite (found nan or inf)")
+        if advantages.device != layout.ids.device:
+            raise ValueError(
+                f"advantages is on {advantages.device} but seq_ids is on {layout.ids.device}"
+            )
+        if self._unprojected:
+            raise ValueError(
+                "advantages mode needs every trainable tensor covered by a sequence kernel, "
+                "since the microbatch gradient is rebuilt from per-sequence gradients; not "
+                f"covered: {self._unprojected}. Freeze them (requires_grad=False) or use loss "
+                "mode (no advantages)."
+            )
+        return advantages.double()[layout.ids]
+
+    # ------------------------------------------------------------------ hooks
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        state = self._state
+        if state is None or not torch.is_grad_enabled():
+            return
+        if self.strength == 0 and state.advantages is None:
+            return  # plain accumulation needs no sequence data
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        layer = self._layers[module]
+        x = layer.kernel.saved_input(args, kwargs)
+        seg = state.layout.token_segments(layer.kernel.lead_shape(module, x), layer.name)
+        cast = None
+        device_type = x.device.type
+        if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+            # The layer multiplied the autocast-dtype copy of x: use the same values.
+            cast = torch.get_autocast_dtype(device_type)
+        capture = _Capture(x, seg, cast)
+        state.captures.setdefault(module, []).append(capture)
+        output.register_hook(capture.receive)
+
+    def _on_grad(self, p: nn.Parameter, grad: torch.Tensor) -> torch.Tensor | None:
+        state = self._state
+        if state is None:
+            return None  # a backward outside any microbatch: plain accumulation
+        name = self._names[p]
+        if p in state.before:
+            raise RuntimeError(
+                f"parameter '{name}' received gradient twice within one microbatch (two "
+                "backward calls, or reentrant checkpointing of a block that shares the tensor "
+                "with code outside it); use one backward per microbatch context"
+            )
+        acc = p.grad
+        if p in self._covered and (self.strength > 0 or state.advantages is not None):
+            new = self._project(p, name, acc, grad, state)
+        else:
+            new = grad if acc is None else acc + grad
+        state.before[p] = acc
+        # The hook returns the whole new running gradient into an empty p.grad, so the old
+        # tensor stays intact and can be restored if the microbatch fails later.
+        p.grad = None
+        return new.to(p.dtype)
+
+    def _project(
+        self,
+        p: nn.Parameter,
+        name: str,
+        acc: torch.Tensor | None,
+        grad: torch.Tensor,
+        state: _Microbatch,
+    ) -> torch.Tensor:
+        uses: list[Use] = []
+        layers = self._uses[p]
+        for module, role in layers:
+            layer = self._layers[module]
+            for cap in state.captures.get(module, ()):
+                if cap.grad_out is not None:
+                    x = cap.x if cap.cast is None else cap.x.to(cap.cast)
+                    uses.append(Use(layer.kernel, module, role, x, cap.grad_out, cap.seg))
+        if not uses:
+            raise RuntimeError(
+                f"parameter '{name}' received a gradient in this microbatch but none of its "
+                f"layers ({', '.join(self._layers[m].name for m, _ in layers)}) ran a forward "
+                "with grad inside the microbatch context: the weight was used outside its "
+                "module (e.g. a fused LM head). Call the module itself, or exclude the "
+                "parameter with exclude=[...]."
+            )
+        low_precision = p.dtype in (torch.float16, torch.bfloat16) or any(
+            u.x.dtype in (torch.float16, torch.bfloat16) for u in uses
+        )
+        # Reduced-precision GEMMs (bf16, TF32) differ from ours by up to ~1e-2 relative; a
+        # missing use of the weight differs by O(1).
+        loose = low_precision or torch.get_float32_matmul_precision() != "highest"
+        check_rtol = 2e-2 if loose else 1e-3
+        seq_grads = TensorSequenceGradients(
+            name,
+            p,
+            uses,
+            state.layout.num_sequences,
+            grad,
+            self.chunk_bytes,
+            state.meter,
+            check_rtol,
+        )
+        try:
+            new, info = accumulate_proma(
+                acc,
+                grad,
+                seq_grads,
+                projection=self.projection,
+                clamp=self.clamp,
+                strength=self.strength,
+                advantages=state.advantages,
+            )
+        finally:
+            seq_grads.release()
+        for module, _ in layers:
+            done = state.roles_done.get(module, 0) + 1
+            state.roles_done[module] = done
+            if done == len(self._layers[module].roles):
+                state.captures.pop(module, None)  # free activations and output gradients
+        if info is not None:
+            self._stats.record(self._layers[layers[0][0]].kernel.kind, info)
+        return new
+
+    # ------------------------------------------------------------------ diagnostics
+    def stats(self, flat: bool = False) -> dict:
+        """Diagnostics of the last microbatch and the current step (see ``_stats``).
+
+        With ``flat=True``: ``{"proma/<scope>/<group>/<metric>": float}`` for loggers.
+        """
+        summary = self._stats.summary()
+        return flatten(summary) if flat else summary
+
+    # ------------------------------------------------------------------ optimizer pass-through
+    def _require_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            raise RuntimeError(
+                "no optimizer was given: construct with ProjectedAccumulator(model, optimizer=opt)"
+            )
+        return self.optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Start a new step: the wrapped optimizer's ``zero_grad`` (or the model's)."""
+        if self.optimizer is None:
+            self.model.zero_grad(set_to_none=set_to_none)
+        else:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+        if not set_to_none:
+            self._stats.new_step()
+
+    def step(self, closure: Any = None) -> Any:
+        """The wrapped optimizer's ``step``."""
+        return self._require_optimizer().step(closure)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._require_optimizer().param_groups
+
+    @property
+    def state(self) -> Any:
+        return self._require_optimizer().state
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"optimizer": <optimizer state>, "proma_accum": <settings and counters>}``."""
+        return {
+            "optimizer": self._require_optimizer().state_dict(),
+            "proma_accum": {
+                "projection": self.projection,
+                "clamp": self.clamp,
+                "strength": self.strength,
+                "exclude": list(self.exclude),
+                "chunk_bytes": self.chunk_bytes,
+                "microbatches": self._stats.microbatches,
+                "steps": self._stats.steps,
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (optimizer state and counters)."""
+        if not isinstance(state_dict, dict) or "optimizer" not in state_dict:
+            raise ValueError(
+                "state_dict must be what ProjectedAccumulator.state_dict() returned "
+                "(a dict with keys 'optimizer' and 'proma_accum')"
+            )
+        self._require_optimizer().load_state_dict(state_dict["optimizer"])
+        own = state_dict.get("proma_accum", {})
+        self._stats.microbatches = int(own.get("microbatches", 0))
+        self._stats.steps = int(own.get("steps", 0))
+
+    def __repr__(self) -> str:
+        return (
+            f"ProjectedAccumulator(projection={self.projection!r}, clamp={self.clamp}, "
+            f"strength={self.strength}, projected={len(self._covered)}, "
+            f"unprojected={len(self._unprojected)}, attached={self.attached})"
+        )

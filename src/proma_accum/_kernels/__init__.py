@@ -1,0 +1,49 @@
+"""Per-sequence gradient kernels, one file per layer kind, looked up by the module's exact type.
+
+A kernel turns what a hooked layer saw in the forward (its input) and the backward (the gradient
+of its output) into the per-sequence gradients of its parameters, ``(k + 1, rows, ...)``: row
+``i < k`` is sequence ``i``'s gradient, row ``k`` the part of tokens that belong to no sequence.
+Classes from optional packages (transformers) are registered by qualified name, so nothing is
+imported until a model uses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ._base import Kernel
+
+_BY_TYPE: dict[type, Kernel] = {}
+_BY_NAME: dict[str, Kernel] = {}
+
+
+def register(*targets: type | str) -> Callable[[type[Kernel]], type[Kernel]]:
+    """Class decorator: register a kernel for module types (or ``"module.QualName"`` strings)."""
+
+    def wrap(kernel_cls: type[Kernel]) -> type[Kernel]:
+        kernel = kernel_cls()
+        for target in targets:
+            if isinstance(target, str):
+                _BY_NAME[target] = kernel
+            else:
+                _BY_TYPE[target] = kernel
+        return kernel_cls
+
+    return wrap
+
+
+def kernel_for(module: nn.Module) -> Kernel | None:
+    """The kernel registered for ``type(module)`` exactly (subclasses may change the math)."""
+    cls = type(module)
+    kernel = _BY_TYPE.get(cls)
+    if kernel is None:
+        kernel = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    return kernel
+
+
+# Importing the kernel modules registers them.
+from . import conv1d, embedding, layer_norm, linear, rms_norm  # noqa: E402
+
+__all__ = ["Kernel", "conv1d", "embedding", "kernel_for", "layer_norm", "linear", "register", "rms_norm"]

@@ -1,0 +1,42 @@
+"""Shared part of normalisation layers with an elementwise affine ``y = w ⊙ x̂ (+ β)``.
+
+``g_s(w) = Σ_{t ∈ s} b_t ⊙ x̂_t`` and ``g_s(β) = Σ_{t ∈ s} b_t``, with ``x̂_t`` the normalised
+input recomputed from the saved input exactly as the layer computes it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._layout import TokenSegments, segment_sum
+from ._base import Kernel, Rows, tokens
+
+
+class AffineNormKernel(Kernel):
+    def feature_dims(self, module: nn.Module) -> int:
+        return 1
+
+    def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lead_shape(self, module: nn.Module, x: torch.Tensor) -> torch.Size:
+        return x.shape[: x.dim() - self.feature_dims(module)]
+
+    def seq_grads(
+        self,
+        module: nn.Module,
+        role: str,
+        x: torch.Tensor,
+        grad_out: torch.Tensor,
+        seg: TokenSegments,
+        rows: Rows,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        features = self.feature_dims(module)
+        b = tokens(grad_out, features, dtype)
+        if role == "weight":
+            b = b * tokens(self.normalized(module, x), features, dtype)
+        shape = module.weight.shape if role == "weight" else module.bias.shape
+        per_seq = segment_sum(b, seg).view(-1, *shape)
+        return per_seq[:, rows]

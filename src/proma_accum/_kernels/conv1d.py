@@ -1,0 +1,34 @@
+"""transformers' ``Conv1D`` (GPT-2): ``y_t = a_t W + b`` with ``W: (d_in, d_out)``.
+
+The transpose of ``nn.Linear``: ``g_s(W) = Σ_{t ∈ s} a_t b_tᵀ`` and ``g_s(bias) = Σ_{t ∈ s} b_t``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._layout import TokenSegments, segment_sum
+from . import register
+from ._base import Kernel, Rows, tokens
+from .linear import outer_by_sequence
+
+
+@register("transformers.pytorch_utils.Conv1D")
+class Conv1DKernel(Kernel):
+    kind = "conv1d"
+
+    def seq_grads(
+        self,
+        module: nn.Module,
+        role: str,
+        x: torch.Tensor,
+        grad_out: torch.Tensor,
+        seg: TokenSegments,
+        rows: Rows,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        b = tokens(grad_out, 1, dtype)
+        if role == "bias":
+            return segment_sum(b[:, rows], seg)
+        return outer_by_sequence(tokens(x, 1, dtype)[:, rows], b, seg)

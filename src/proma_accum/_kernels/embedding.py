@@ -1,0 +1,64 @@
+"""``nn.Embedding``: ``y_t = W[id_t]``.
+
+``g_s(W)[v] = Σ_{t ∈ s, id_t = v} b_t``: a sequence's gradient lives only on the rows of the ids it
+contains, so the kernel works on the rows that occur in the microbatch (``touched_rows``). Tokens
+equal to ``padding_idx`` get no gradient, as in ``torch.nn.functional.embedding``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._layout import TokenSegments
+from . import register
+from ._base import Kernel, Rows, tokens
+
+
+@register(nn.Embedding)
+class EmbeddingKernel(Kernel):
+    kind = "embedding"
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if module.max_norm is not None:
+            return "nn.Embedding with max_norm renormalises the weight in place during forward"
+        if module.scale_grad_by_freq:
+            return "nn.Embedding with scale_grad_by_freq rescales by batch-wide id counts"
+        if module.sparse:
+            return "nn.Embedding with sparse=True produces sparse gradients"
+        return None
+
+    def lead_shape(self, module: nn.Module, x: torch.Tensor) -> torch.Size:
+        return x.shape
+
+    def touched_rows(self, module: nn.Module, role: str, x: torch.Tensor) -> torch.Tensor | None:
+        ids = torch.unique(x)
+        if module.padding_idx is not None:
+            ids = ids[ids != module.padding_idx]
+        return ids
+
+    def seq_grads(
+        self,
+        module: nn.Module,
+        role: str,
+        x: torch.Tensor,
+        grad_out: torch.Tensor,
+        seg: TokenSegments,
+        rows: Rows,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        ids = x.reshape(-1)
+        b = tokens(grad_out, 1, dtype)
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(module.num_embeddings)
+            rows = torch.arange(start, stop, device=ids.device)
+        n_rows = rows.numel()
+        pos = torch.searchsorted(rows, ids).clamp_(max=max(n_rows - 1, 0))
+        keep = rows[pos] == ids if n_rows else torch.zeros_like(ids, dtype=torch.bool)
+        if module.padding_idx is not None:
+            keep &= ids != module.padding_idx
+        k = seg.num_sequences
+        seq = torch.where(seg.token_seq >= 0, seg.token_seq, k)
+        flat = b.new_zeros((k + 1) * n_rows, b.shape[1])
+        flat.index_add_(0, (seq * n_rows + pos)[keep], b[keep])
+        return flat.view(k + 1, n_rows, b.shape[1])

@@ -1,0 +1,158 @@
+"""Which sequence each token of a microbatch belongs to.
+
+A microbatch names its sequences with ``seq_ids``: shape ``(B,)`` (one sequence per row) or
+``(B, T)`` (one id per token; several sequences may share a row, and ``-1`` marks tokens that
+belong to no sequence). Ids are arbitrary non-negative integers; internally they are relabelled
+to ``0 .. k-1`` in increasing id order, so results do not depend on the labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+class ShapeMismatchError(ValueError):
+    """A hooked layer's input does not line up with the microbatch's ``seq_ids``."""
+
+
+@dataclass
+class TokenSegments:
+    """Tokens of one input shape grouped by sequence, for segmented (batched) GEMMs.
+
+    ``token_seq``: ``(N,)`` dense sequence index of each flattened token, ``-1`` for none.
+    ``gather``: ``(k, L)`` token indices of each sequence, padded with ``N`` (a zero row appended
+    by the caller), so that ``cat([X, 0])[gather]`` is ``(k, L, d)``.
+    ``rows_view``: when every row is exactly one sequence in order, ``(k, L)`` is just a view of
+    the tokens (no gather needed) and this is True.
+    """
+
+    num_sequences: int
+    token_seq: torch.Tensor
+    gather: torch.Tensor | None
+    rows_view: bool
+    has_padding: bool
+
+
+@dataclass
+class SequenceLayout:
+    """A validated ``seq_ids`` tensor and its relabelling to dense indices ``0 .. k-1``.
+
+    Attributes:
+        seq_ids: the user's tensor, ``(B,)`` or ``(B, T)``, int64.
+        dense: same shape; dense index of each row/token's sequence, ``-1`` for padding.
+        ids: ``(k,)`` the distinct ids present, increasing; ``ids[i]`` is dense index ``i``.
+    """
+
+    seq_ids: torch.Tensor
+    dense: torch.Tensor
+    ids: torch.Tensor
+    _segments: dict[tuple[int, ...], TokenSegments] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.ids.numel())
+
+    @classmethod
+    def from_seq_ids(cls, seq_ids: object, device: torch.device | None) -> SequenceLayout:
+        if not isinstance(seq_ids, torch.Tensor):
+            raise TypeError(
+                f"seq_ids must be an integer torch.Tensor of shape (B,) or (B, T), "
+                f"got {type(seq_ids).__name__}"
+            )
+        if seq_ids.dtype not in _INT_DTYPES:
+            raise TypeError(f"seq_ids must have an integer dtype, got {seq_ids.dtype}")
+        if seq_ids.dim() not in (1, 2) or seq_ids.numel() == 0:
+            raise ValueError(
+                f"seq_ids must have shape (B,) or (B, T) with B, T > 0, got {tuple(seq_ids.shape)}"
+            )
+        if device is not None and seq_ids.device != device:
+            raise ValueError(
+                f"seq_ids is on {seq_ids.device} but the model's parameters are on {device}"
+            )
+        seq_ids = seq_ids.long()
+        if bool((seq_ids < -1).any()):
+            raise ValueError("seq_ids must be >= -1 (-1 marks padding), got a smaller value")
+        valid = seq_ids >= 0
+        ids, inverse = torch.unique(seq_ids[valid], sorted=True, return_inverse=True)
+        dense = torch.full_like(seq_ids, -1)
+        dense[valid] = inverse
+        return cls(seq_ids=seq_ids, dense=dense, ids=ids)
+
+    def token_segments(self, lead_shape: torch.Size, layer: str) -> TokenSegments:
+        """Segments for a layer input whose shape before the feature dim(s) is ``lead_shape``.
+
+        ``lead_shape`` must start with ``seq_ids.shape``; further dims (heads, say) are extra
+        tokens of the same sequence.
+        """
+        key = tuple(lead_shape)
+        seg = self._segments.get(key)
+        if seg is None:
+            seg = self._build_segments(lead_shape, layer)
+            self._segments[key] = seg
+        return seg
+
+    def _build_segments(self, lead_shape: torch.Size, layer: str) -> TokenSegments:
+        ref = tuple(self.seq_ids.shape)
+        if tuple(lead_shape[: len(ref)]) != ref:
+            hint = ""
+            if len(lead_shape) >= 1 and lead_shape[0] == 1 and ref[0] > 1:
+                hint = (
+                    " The input has a leading dim of 1 shared by every row, so its gradient "
+                    "cannot be split by sequence; for position embeddings pass position_ids "
+                    "expanded to (B, T), e.g. torch.arange(T).expand(B, T)."
+                )
+            raise ShapeMismatchError(
+                f"layer '{layer}': input leading shape {tuple(lead_shape)} does not start with "
+                f"seq_ids shape {ref}.{hint}"
+            )
+        extra = 1
+        for s in lead_shape[len(ref) :]:
+            extra *= int(s)
+        token_seq = self.dense.reshape(-1, 1).expand(-1, extra).reshape(-1)
+        k = self.num_sequences
+        has_padding = bool((token_seq < 0).any())
+        n = token_seq.numel()
+        # One sequence per row, rows already in id order: tokens are a (k, L) view, no gather.
+        if not has_padding and self.dense.shape[0] == k and n % k == 0:
+            rows = token_seq.view(k, -1)
+            expect = torch.arange(k, device=rows.device).unsqueeze(1)
+            if bool((rows == expect).all()):
+                return TokenSegments(k, token_seq, None, True, False)
+        valid = token_seq >= 0
+        counts = torch.bincount(token_seq[valid], minlength=k)
+        length = int(counts.max()) if k > 0 else 0
+        order = torch.argsort(torch.where(valid, token_seq, k), stable=True)[: int(valid.sum())]
+        starts = torch.cumsum(counts, 0) - counts
+        seq_of = token_seq[order]
+        pos = torch.arange(order.numel(), device=order.device) - starts[seq_of]
+        gather = torch.full((k, length), n, dtype=torch.long, device=order.device)
+        gather[seq_of, pos] = order
+        return TokenSegments(k, token_seq, gather, False, has_padding)
+
+
+def segment(x: torch.Tensor, seg: TokenSegments) -> torch.Tensor:
+    """Group token rows ``x: (N, d)`` by sequence: ``(k, L, d)``, zero-padded."""
+    if seg.rows_view:
+        return x.view(seg.num_sequences, -1, x.shape[-1])
+    padded = torch.cat([x, x.new_zeros(1, x.shape[-1])])
+    return padded[seg.gather]
+
+
+def padding_tokens(x: torch.Tensor, seg: TokenSegments) -> torch.Tensor:
+    """The rows of ``x: (N, d)`` that belong to no sequence: ``(N_pad, d)``."""
+    return x[seg.token_seq < 0]
+
+
+def segment_sum(x: torch.Tensor, seg: TokenSegments) -> torch.Tensor:
+    """Per-sequence sums of token rows ``x: (N, d)``: ``(k + 1, d)``; row ``k`` sums padding."""
+    k = seg.num_sequences
+    if seg.rows_view:
+        out = x.new_zeros(k + 1, x.shape[-1])
+        out[:k] = x.view(k, -1, x.shape[-1]).sum(1)
+        return out
+    index = torch.where(seg.token_seq >= 0, seg.token_seq, k)
+    return x.new_zeros(k + 1, x.shape[-1]).index_add_(0, index, x)

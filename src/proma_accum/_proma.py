@@ -1,0 +1,166 @@
+"""The PROMA update of one parameter tensor, as in the note's figures 1 and 3.
+
+For a tensor ``t`` with running gradient ``acc = t.grad`` and a microbatch of ``k`` sequences with
+sequence-wise gradients ``g_1 .. g_k`` (``mcb_seq_grads``) and microbatch gradient ``g``
+(``mcb_policy_grad``)::
+
+    proj_on_span = P_span(g_1..g_k)(acc)                   # figure 1, project_to_complement
+    proj_on_span *= min(1, clamp * ‖g‖ / ‖proj_on_span‖)   # section 3, the clamp
+    t.grad = acc - strength * proj_on_span + g
+
+Everything works on the ``k × k`` Gram matrix ``G_ij = ⟨g_i, g_j⟩`` and the inner products
+``r_i = ⟨g_i, acc⟩``: the projection is ``Σ_i c_i g_i`` for coefficients ``c`` solved here in
+float64, so the sequence gradients themselves are only touched by the layer kernels (to form
+``G``, ``r`` and the final combination ``Σ_i w_i g_i``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+Projection = Literal["exact", "gs2"]
+
+# Eigenvalues of G below RANK_RTOL * λ_max count as zero: singular values of the sequence
+# gradients below 1e-5 of the largest, about 100 float32 ulps, which float32 gradients cannot
+# resolve. The brute-force reference in ``proma_accum.testing`` uses the same threshold.
+RANK_RTOL = 1e-10
+
+
+class SequenceGradients(Protocol):
+    """The sequence-wise gradients ``g_1 .. g_k`` of one tensor, as the kernels provide them."""
+
+    num_sequences: int
+
+    def gram_and_inner(self, acc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G, r)``: ``G: (k, k)`` float64 Gram matrix, ``r: (k,)`` float64 ``⟨g_i, acc⟩``."""
+        ...
+
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:
+        """``Σ_i weights[i] g_i``, shaped like the tensor. ``weights: (k,)``."""
+        ...
+
+
+def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """``c`` with ``Σ c_i g_i`` the orthogonal projection of ``acc`` onto ``span(g)``.
+
+    The note's ``project_to_complement_v1`` (QR), done rank-revealingly: ``c = G⁺ r`` with the
+    pseudo-inverse over the eigenvalues of ``G`` above ``RANK_RTOL · λ_max``, so duplicate,
+    linearly dependent and zero sequence gradients are fine.
+    """
+    eigval, eigvec = torch.linalg.eigh(gram)
+    keep = eigval > RANK_RTOL * eigval.max().clamp(min=0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, eigval, 1.0), 0.0)
+    return eigvec @ (inv * (eigvec.T @ inner))
+
+
+def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """``c`` with ``Σ c_i g_i`` what the note's ``project_to_complement_v2`` removes.
+
+    Two passes of ``for u in U: acc -= ⟨acc, u⟩ u`` over the normalised ``u_i = g_i / ‖g_i‖``.
+    One pass is one forward Gauss–Seidel sweep on ``Ĝ α = r̂`` (``Ĝ`` the Gram of the ``u_i``,
+    ``r̂_i = ⟨u_i, acc⟩``): ``(I + L) α = r̂`` with ``L`` the strictly lower part of ``Ĝ``.
+    Zero sequence gradients are skipped (the note's code would divide by zero).
+    """
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    nonzero = norms > 0
+    safe = torch.where(nonzero, norms, 1.0)
+    unit_gram = gram / (safe[:, None] * safe[None, :])
+    unit_gram = unit_gram * (nonzero[:, None] & nonzero[None, :])
+    unit_inner = torch.where(nonzero, inner / safe, 0.0)
+    sweep = torch.eye(len(inner), dtype=gram.dtype, device=gram.device) + unit_gram.tril(-1)
+    alpha = torch.zeros_like(unit_inner)
+    for _ in range(2):
+        residual = unit_inner - unit_gram @ alpha
+        alpha = alpha + torch.linalg.solve_triangular(sweep, residual[:, None], upper=False)[:, 0]
+    return torch.where(nonzero, alpha / safe, 0.0)
+
+
+SPAN_COEFFICIENTS = {"exact": span_coefficients_exact, "gs2": span_coefficients_gs2}
+
+
+@dataclass
+class UpdateInfo:
+    """Diagnostics of one tensor's update (0-d float64 tensors; no host sync needed)."""
+
+    num_sequences: int
+    rank: torch.Tensor
+    acc_norm: torch.Tensor
+    removed_norm: torch.Tensor
+    clamp_bound: torch.Tensor
+    mcb_norm: torch.Tensor
+
+
+def numerical_rank(gram: torch.Tensor) -> torch.Tensor:
+    eigval = torch.linalg.eigvalsh(gram)
+    return (eigval > RANK_RTOL * eigval.max().clamp(min=0)).sum()
+
+
+def accumulate_proma(
+    acc: torch.Tensor | None,
+    mcb_grad: torch.Tensor,
+    seq_grads: SequenceGradients,
+    *,
+    projection: Projection,
+    clamp: float | None,
+    strength: float,
+    advantages: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, UpdateInfo | None]:
+    """The new running gradient ``acc - strength · clamp(P_span(acc)) + g`` of one tensor.
+
+    Args:
+        acc: running gradient ``t.grad`` before this microbatch (None: nothing accumulated).
+        mcb_grad: the microbatch gradient autograd computed (loss mode), same shape as ``acc``.
+        seq_grads: the sequence-wise gradients ``g_1 .. g_k``.
+        advantages: ``(k,)`` float64; if given, the microbatch gradient is ``Σ_i adv_i g_i``
+            (the backward was of unit-advantage log-probabilities) and ``mcb_grad`` is ignored.
+
+    Returns:
+        The new running gradient (compute dtype) and diagnostics (None when nothing was
+        accumulated yet, so nothing was projected).
+    """
+    gram, inner = seq_grads.gram_and_inner(acc)  # G_ij = ⟨g_i, g_j⟩, r_i = ⟨g_i, acc⟩
+    if advantages is None:
+        mcb_norm = torch.linalg.vector_norm(mcb_grad, dtype=torch.float64)
+        mcb_weights = torch.zeros_like(inner)
+    else:
+        mcb_norm = (advantages @ gram @ advantages).clamp(min=0).sqrt()
+        mcb_weights = advantages
+    if acc is None:
+        if advantages is None:
+            return mcb_grad, None
+        return seq_grads.combine(advantages), None
+
+    coeffs = SPAN_COEFFICIENTS[projection](gram, inner)  # proj_on_span = Σ_i c_i g_i
+    proj_norm = (coeffs @ gram @ coeffs).clamp(min=0).sqrt()
+    scale = torch.ones_like(proj_norm)
+    if clamp is not None:
+        bound = clamp * mcb_norm
+        scale = torch.where(proj_norm > bound, bound / proj_norm.clamp(min=1e-300), scale)
+    removed = strength * scale * coeffs
+    # complemented_acc_grad + mcb_policy_grad, with both combinations done in one pass.
+    delta = _plus_combination(mcb_grad, seq_grads, mcb_weights - removed, advantages is None)
+    info = UpdateInfo(
+        num_sequences=seq_grads.num_sequences,
+        rank=numerical_rank(gram),
+        acc_norm=torch.linalg.vector_norm(acc, dtype=torch.float64),
+        removed_norm=strength * scale * proj_norm,
+        clamp_bound=scale < 1,
+        mcb_norm=mcb_norm,
+    )
+    return acc.to(delta.dtype) + delta, info
+
+
+def _plus_combination(
+    mcb_grad: torch.Tensor | None,
+    seq_grads: SequenceGradients,
+    weights: torch.Tensor,
+    loss_mode: bool,
+) -> torch.Tensor:
+    """``mcb_grad + Σ_i weights[i] g_i`` (loss mode) or ``Σ_i weights[i] g_i``."""
+    combination = seq_grads.combine(weights)
+    if not loss_mode or mcb_grad is None:
+        return combination
+    return mcb_grad.to(combination.dtype) + combination

@@ -1,0 +1,94 @@
+"""Diagnostics of the last microbatch and of the current optimizer step, per tensor group.
+
+Per group (the layer kind: ``linear``, ``embedding``, ... or ``all``):
+
+* ``projected_norm_ratio``: ``‖removed‖ / ‖acc‖`` over the group's tensors (root of summed
+  squares), where ``removed`` is the clamped, strength-scaled projection taken off ``acc``;
+* ``clamp_fraction``: fraction of tensor updates in which the clamp bound;
+* ``num_sequences``: sequences in the microbatch (mean over microbatches in a step);
+* ``rank``: mean numerical rank of the sequence gradients, per tensor;
+* ``updates``: number of projected tensor updates.
+
+Values are kept as device tensors during the backward and turned into floats on request.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ._proma import UpdateInfo
+
+_FIELDS = ("acc_sq", "removed_sq", "clamped", "rank", "sequences", "updates")
+
+
+class StatsRecorder:
+    def __init__(self) -> None:
+        self.microbatches = 0
+        self.steps = 0
+        self._step: dict[str, dict[str, torch.Tensor | float]] = {}
+        self._last: dict[str, dict[str, torch.Tensor | float]] = {}
+        self._step_microbatches = 0
+        self.peak_seq_grad_bytes = 0
+
+    def new_step(self) -> None:
+        self.steps += 1
+        self._step = {}
+        self._step_microbatches = 0
+
+    def new_microbatch(self) -> None:
+        self.microbatches += 1
+        self._step_microbatches += 1
+        self._last = {}
+
+    def record(self, group: str, info: UpdateInfo) -> None:
+        for key in (group, "all"):
+            for table in (self._last, self._step):
+                row = table.setdefault(key, defaultdict(float))
+                row["acc_sq"] = row["acc_sq"] + info.acc_norm**2
+                row["removed_sq"] = row["removed_sq"] + info.removed_norm**2
+                row["clamped"] = row["clamped"] + info.clamp_bound.double()
+                row["rank"] = row["rank"] + info.rank.double()
+                row["sequences"] = row["sequences"] + info.num_sequences
+                row["updates"] = row["updates"] + 1
+
+    def summary(self) -> dict:
+        return {
+            "microbatches": self.microbatches,
+            "steps": self.steps,
+            "peak_seq_grad_bytes": self.peak_seq_grad_bytes,
+            "microbatch": _summarise(self._last),
+            "step": {"microbatches": self._step_microbatches, **_summarise(self._step)},
+        }
+
+
+def _summarise(table: dict[str, dict[str, torch.Tensor | float]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for group, row in sorted(table.items()):
+        vals = {k: float(row[k]) for k in _FIELDS}
+        n = max(vals["updates"], 1.0)
+        out[group] = {
+            "projected_norm_ratio": (vals["removed_sq"] / vals["acc_sq"]) ** 0.5
+            if vals["acc_sq"] > 0
+            else 0.0,
+            "clamp_fraction": vals["clamped"] / n,
+            "num_sequences": vals["sequences"] / n,
+            "rank": vals["rank"] / n,
+            "updates": vals["updates"],
+        }
+    return out
+
+
+def flatten(summary: dict, prefix: str = "proma") -> dict[str, float]:
+    """``{"proma/<scope>/<group>/<metric>": value}`` for loggers that take flat dicts."""
+    flat: dict[str, float] = {}
+    for scope in ("microbatch", "step"):
+        for group, metrics in summary[scope].items():
+            if not isinstance(metrics, dict):
+                continue
+            for metric, value in metrics.items():
+                flat[f"{prefix}/{scope}/{group}/{metric}"] = float(value)
+    flat[f"{prefix}/microbatches"] = float(summary["microbatches"])
+    flat[f"{prefix}/steps"] = float(summary["steps"])
+    return flat
