@@ -126,9 +126,7 @@ class ProjectedAccumulator:
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         if optimizer is not None and not hasattr(optimizer, "param_groups"):
-            raise TypeError(
-                f"optimizer must be a torch optimizer, got {type(optimizer).__name__}"
-            )
+            raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
         if isinstance(exclude, str):
             exclude = [exclude]
         self.model = model
@@ -183,9 +181,7 @@ class ProjectedAccumulator:
                 self._unprojected[names[p]] = blocked[p]
             elif p not in self._uses:
                 self._unprojected[names[p]] = "not a parameter of a layer with a sequence kernel"
-        self._covered = {
-            p: names[p] for p in self._trainable if names[p] not in self._unprojected
-        }
+        self._covered = {p: names[p] for p in self._trainable if names[p] not in self._unprojected}
         # Only covered parameters are hooked per layer; a layer with none needs no forward hook.
         for layer in self._layers.values():
             layer.roles = {r: p for r, p in layer.roles.items() if p in self._covered}
@@ -222,9 +218,7 @@ class ProjectedAccumulator:
                 "See unprojected_parameters().",
                 stacklevel=2,
             )
-        self._hooks.attach(
-            list(self._layers), self._trainable, self._on_forward, self._on_grad
-        )
+        self._hooks.attach(list(self._layers), self._trainable, self._on_forward, self._on_grad)
         return self
 
     def detach(self) -> None:
@@ -281,9 +275,7 @@ class ProjectedAccumulator:
             raise
         finally:
             self._state = None
-            self._stats.peak_seq_grad_bytes = max(
-                self._stats.peak_seq_grad_bytes, state.meter.peak
-            )
+            self._stats.peak_seq_grad_bytes = max(self._stats.peak_seq_grad_bytes, state.meter.peak)
 
     def _check_advantages(
         self, advantages: torch.Tensor | None, layout: SequenceLayout

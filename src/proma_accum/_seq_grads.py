@@ -25,6 +25,20 @@ from ._layout import TokenSegments
 _GRAM_BLOCK_BYTES = 8 * 2**20
 
 
+def _weighted_sum(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``Σ_i w_i s_i`` for ``s: (k, ...)``, accumulated in float64 block by block.
+
+    The projection coefficients of nearly dependent sequence gradients are large and of mixed
+    sign; summing in float32 would cancel catastrophically (error ~ cond · eps32).
+    """
+    flat = s.reshape(s.shape[0], -1)
+    out = torch.empty(flat.shape[1], dtype=s.dtype, device=s.device)
+    cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(s.shape[0], 1)))
+    for a in range(0, flat.shape[1], cols):
+        out[a : a + cols] = (w @ flat[:, a : a + cols].double()).to(s.dtype)
+    return out.view(s.shape[1:])
+
+
 class IncompleteSequenceDataError(RuntimeError):
     """A covered tensor's gradient is not the sum of the per-sequence parts its layers saw."""
 
@@ -150,17 +164,14 @@ class TensorSequenceGradients:
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
         k = self.num_sequences
-        w = weights.to(self.dtype)
-        if self._kept is not None and self.rows is None:
-            s, self._kept = self._kept, None
-            out = torch.tensordot(w, s[:k], dims=1)
-            self._release(s)
-            return out
-        out = torch.zeros(self.param.shape, dtype=self.dtype, device=self.param.device)
+        w = weights.to(torch.float64)
+        out = torch.empty(self.param.shape, dtype=self.dtype, device=self.param.device)
+        if self.rows is not None or len(self.chunks) > 1:
+            out.zero_()
         for rows in self.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
             self._kept = None
-            out[rows] = torch.tensordot(w, s[:k], dims=1)
+            out[rows] = _weighted_sum(w, s[:k])
             self._release(s)
         return out
 

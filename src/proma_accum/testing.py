@@ -115,7 +115,9 @@ def per_sequence_gradients(
     for i in range(losses.shape[0]):
         grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
         for j, (p, g) in enumerate(zip(params, grads, strict=True)):
-            per_param[j].append(torch.zeros_like(p, dtype=torch.float64) if g is None else g.double())
+            per_param[j].append(
+                torch.zeros_like(p, dtype=torch.float64) if g is None else g.double()
+            )
     return [torch.stack(gs) for gs in per_param]
 
 
@@ -147,8 +149,7 @@ def reference_accumulate(
     params = [p for _, p in named]
     projected_set = set(names if projected is None else projected)
     acc: dict[str, torch.Tensor | None] = {
-        n: None if initial is None or initial.get(n) is None else initial[n].double()
-        for n in names
+        n: None if initial is None or initial.get(n) is None else initial[n].double() for n in names
     }
     for m, mb in enumerate(microbatches):
         losses = sequence_losses(model, mb)

@@ -46,4 +46,13 @@ def kernel_for(module: nn.Module) -> Kernel | None:
 # Importing the kernel modules registers them.
 from . import conv1d, embedding, layer_norm, linear, rms_norm  # noqa: E402
 
-__all__ = ["Kernel", "conv1d", "embedding", "kernel_for", "layer_norm", "linear", "register", "rms_norm"]
+__all__ = [
+    "Kernel",
+    "conv1d",
+    "embedding",
+    "kernel_for",
+    "layer_norm",
+    "linear",
+    "register",
+    "rms_norm",
+]

@@ -1,0 +1,207 @@
+"""Bad input, atomicity on failure, hook lifecycle, fused-head detection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ToyLM, row_microbatches, toy_sequence_losses
+from torch import nn
+
+from proma_accum import ProjectedAccumulator
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return ToyLM()
+
+
+def _hook_count(model):
+    total = 0
+    for m in model.modules():
+        total += len(m._forward_hooks) + len(m._forward_hooks_with_kwargs)
+    for p in model.parameters():
+        total += len(p._backward_hooks or {})
+    return total
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"projection": "qr"}, "projection must be one of"),
+        ({"clamp": 0.0}, "clamp must be"),
+        ({"clamp": -1.0}, "clamp must be"),
+        ({"clamp": float("nan")}, "clamp must be"),
+        ({"strength": 1.5}, r"strength must be a number in \[0, 1\]"),
+        ({"strength": -0.1}, r"strength must be a number in \[0, 1\]"),
+        ({"chunk_bytes": 0}, "chunk_bytes must be a positive int"),
+    ],
+)
+def test_bad_settings(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ProjectedAccumulator(model, **kwargs)
+
+
+def test_bad_model_and_optimizer():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        ProjectedAccumulator("model")
+    with pytest.raises(TypeError, match="optimizer must be a torch optimizer"):
+        ProjectedAccumulator(nn.Linear(2, 2), optimizer=object())
+
+
+@pytest.mark.parametrize(
+    ("seq_ids", "advantages", "exc", "match"),
+    [
+        ([0, 1, 2, 3], None, TypeError, "seq_ids must be an integer torch.Tensor"),
+        (torch.zeros(4), None, TypeError, "seq_ids must have an integer dtype"),
+        (torch.zeros(4, 5, 1, dtype=torch.long), None, ValueError, r"shape \(B,\) or \(B, T\)"),
+        (torch.tensor([0, 1, -2, 3]), None, ValueError, "seq_ids must be >= -1"),
+        (torch.arange(3), None, ValueError, r"does not start with seq_ids shape \(3,\)"),
+        (torch.arange(4), torch.ones(3), ValueError, "advantages has length 3"),
+        (torch.arange(4), torch.tensor([1.0, float("nan"), 0, 0]), ValueError, "finite"),
+        (torch.arange(4), torch.ones(4, dtype=torch.long), TypeError, "1-D float"),
+        (torch.arange(4), [1.0] * 4, TypeError, "advantages must be a 1-D float"),
+    ],
+)
+def test_bad_microbatch_input_leaves_grads_untouched(model, gen, seq_ids, advantages, exc, match):
+    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=23)
+    with ProjectedAccumulator(model) as acc:
+        with acc.microbatch(mbs[0]["seq_ids"]):
+            toy_sequence_losses(model, mbs[0]).sum().backward()
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+        with pytest.raises(exc, match=match):
+            with acc.microbatch(seq_ids, advantages=advantages):
+                toy_sequence_losses(model, mbs[1]).sum().backward()
+        for n, p in model.named_parameters():
+            assert torch.equal(p.grad, before[n]), n
+        # and the next microbatch works
+        with acc.microbatch(mbs[1]["seq_ids"]):
+            toy_sequence_losses(model, mbs[1]).sum().backward()
+        assert acc.stats()["microbatch"]["all"]["updates"] > 0
+
+
+def test_seq_ids_on_wrong_device(model):
+    acc = ProjectedAccumulator(model)
+    acc._device = torch.device("meta")  # stands in for "parameters on another device"
+    with acc, pytest.raises(ValueError, match="seq_ids is on cpu but the model's parameters"):
+        with acc.microbatch(torch.arange(4)):
+            pass
+
+
+@pytest.mark.parametrize("where", ["forward", "backward", "after-backward"])
+def test_failure_inside_microbatch_restores_every_grad(model, gen, where):
+    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=23)
+    boom = RuntimeError("boom")
+
+    def fail_in_backward(grad):
+        raise boom
+
+    with ProjectedAccumulator(model) as acc:
+        with acc.microbatch(mbs[0]["seq_ids"]):
+            toy_sequence_losses(model, mbs[0]).sum().backward()
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+        ids = {n: id(p.grad) for n, p in model.named_parameters()}
+        with pytest.raises(RuntimeError, match="boom"):
+            with acc.microbatch(mbs[1]["seq_ids"]):
+                if where == "forward":
+                    raise boom
+                h = model.embed(mbs[1]["input_ids"])
+                if where == "backward":
+                    # raises after the head and norms have already accumulated
+                    h.register_hook(fail_in_backward)
+                loss = toy_sequence_losses(model, mbs[1]).sum() + 0 * h.sum()
+                loss.backward()
+                if where == "after-backward":
+                    raise boom
+        for n, p in model.named_parameters():
+            assert torch.equal(p.grad, before[n]), n
+            assert id(p.grad) == ids[n], n
+        with acc.microbatch(mbs[1]["seq_ids"]):
+            toy_sequence_losses(model, mbs[1]).sum().backward()
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p.grad, before[n])]
+        assert len(changed) == len(before)
+
+
+def test_hooks_removed_on_exit_and_on_error(model):
+    base = _hook_count(model)
+    acc = ProjectedAccumulator(model)
+    with acc:
+        assert _hook_count(model) > base
+    assert _hook_count(model) == base
+    with pytest.raises(KeyError), acc:
+        raise KeyError("body failed")
+    assert _hook_count(model) == base
+    assert not acc.attached
+
+
+def test_lifecycle_errors(model):
+    acc = ProjectedAccumulator(model)
+    with pytest.raises(RuntimeError, match="needs attached hooks"), acc.microbatch(torch.arange(4)):
+        pass
+    acc.attach()
+    with pytest.raises(RuntimeError, match="already attached"):
+        acc.attach()
+    with acc.microbatch(torch.arange(4)):
+        with pytest.raises(RuntimeError, match="cannot be nested"), acc.microbatch(torch.arange(4)):
+            pass
+    acc.detach()
+    acc.detach()  # idempotent
+    assert _hook_count(model) == 0
+
+
+def test_two_backwards_in_one_microbatch_raise(model, gen):
+    mb = row_microbatches(gen, 1, rows=4, length=5, vocab=23)[0]
+    with ProjectedAccumulator(model) as acc, acc.microbatch(mb["seq_ids"]):
+        toy_sequence_losses(model, mb).sum().backward()
+        with pytest.raises(RuntimeError, match="received gradient twice"):
+            toy_sequence_losses(model, mb).sum().backward()
+
+
+def test_fused_head_is_detected_not_silently_accumulated(gen):
+    """The head weight used outside its module's forward (as TRL's fused LM head does)."""
+    torch.manual_seed(0)
+    model = ToyLM(tied=True)
+    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=23)
+
+    def fused_losses(model, mb):
+        h = model.rms(model.ln(torch.tanh(model.proj(model.embed(mb["input_ids"])))))
+        h = h + torch.tanh(model.conv(h))
+        logits = h @ model.head.weight.T  # the head module never runs
+        return torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), mb["targets"], ignore_index=-100, reduction="sum"
+        )
+
+    with ProjectedAccumulator(model) as acc:
+        with pytest.raises(RuntimeError, match="not the sum of the per-sequence gradients"):
+            with acc.microbatch(mbs[0]["seq_ids"]):  # detected at the first microbatch
+                fused_losses(model, mbs[0]).backward()
+        assert all(p.grad is None for p in model.parameters())
+        # a penalty on a covered weight is outside the layers' forward too
+        with pytest.raises(RuntimeError, match="penalty term"):
+            with acc.microbatch(mbs[1]["seq_ids"]):
+                loss = toy_sequence_losses(model, mbs[1]).sum()
+                (loss + model.proj.weight.square().sum()).backward()
+        assert all(p.grad is None for p in model.parameters())
+        with acc.microbatch(mbs[1]["seq_ids"]):  # the module path is fine
+            toy_sequence_losses(model, mbs[1]).sum().backward()
+
+
+def test_fused_head_error_untied(gen):
+    torch.manual_seed(0)
+    model = ToyLM(tied=False)
+    mb = row_microbatches(gen, 1, rows=4, length=5, vocab=23)[0]
+    with ProjectedAccumulator(model) as acc:
+        with pytest.raises(RuntimeError, match="none of its layers"), acc.microbatch(mb["seq_ids"]):
+            h = model.rms(model.ln(torch.tanh(model.proj(model.embed(mb["input_ids"])))))
+            (h @ model.head.weight.T).sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_advantages_mode_requires_full_coverage(gen):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    model.register_parameter("extra", nn.Parameter(torch.ones(4)))
+    with pytest.warns(UserWarning, match="extra"), ProjectedAccumulator(model) as acc:
+        with pytest.raises(ValueError, match="extra"):
+            with acc.microbatch(torch.arange(2), advantages=torch.ones(2)):
+                pass
