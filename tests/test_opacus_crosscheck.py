@@ -32,9 +32,12 @@ def test_per_row_sequence_gradients_match_opacus(gen, monkeypatch):
         ours[self.name] = s[:-1].clone()  # drop the padding row
         return s
 
-    monkeypatch.setattr(TensorSequenceGradients, "_form", recording_form)
-    with ProjectedAccumulator(model) as acc, acc.microbatch(mb["seq_ids"]):
-        toy_sequence_losses(model, mb).sum().backward()
+    with ProjectedAccumulator(model) as acc:
+        with acc.microbatch(mb["seq_ids"]):  # plain: nothing accumulated to project yet
+            toy_sequence_losses(model, mb).sum().backward()
+        monkeypatch.setattr(TensorSequenceGradients, "_form", recording_form)
+        with acc.microbatch(mb["seq_ids"]):
+            toy_sequence_losses(model, mb).sum().backward()
 
     assert set(ours) == set(opacus_per_sample)
     for name, per_sample in opacus_per_sample.items():

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._fused import SequenceGradientGEMM
 from ._hooks import HookSet
 from ._kernels import Kernel, kernel_for
 from ._layout import SequenceLayout, TokenSegments
@@ -21,19 +22,26 @@ from ._seq_grads import ByteMeter, TensorSequenceGradients, Use
 from ._stats import StatsRecorder, flatten
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass
 class _Capture:
-    """One forward of a covered layer inside a microbatch; ``grad_out`` arrives in backward."""
+    """One forward of a covered layer inside a microbatch; what arrives in backward is either
+    the output gradient ``grad_out`` or, on the fused path, the per-sequence gradients."""
 
-    x: torch.Tensor
+    x: torch.Tensor | None
     seg: TokenSegments
     cast: torch.dtype | None
+    meter: ByteMeter
     grad_out: torch.Tensor | None = None
+    precomputed: dict[str, torch.Tensor] | None = None
 
     def receive(self, grad: torch.Tensor) -> None:
         self.grad_out = grad if self.grad_out is None else self.grad_out + grad
+
+    def receive_sequence_grads(self, per_sequence: dict[str, torch.Tensor]) -> None:
+        self.precomputed = per_sequence
 
 
 @dataclass
@@ -51,6 +59,7 @@ class _Layer:
     name: str
     kernel: Kernel
     roles: dict[str, nn.Parameter]
+    fusable: bool = False
 
 
 class ProjectedAccumulator:
@@ -184,6 +193,8 @@ class ProjectedAccumulator:
         self._covered = {p: names[p] for p in self._trainable if names[p] not in self._unprojected}
         # Only covered parameters are hooked per layer; a layer with none needs no forward hook.
         for layer in self._layers.values():
+            every_role_covered = all(p in self._covered for p in layer.roles.values())
+            layer.fusable = layer.kernel.fusable and every_role_covered and "weight" in layer.roles
             layer.roles = {r: p for r, p in layer.roles.items() if p in self._covered}
         self._layers = {m: layer for m, layer in self._layers.items() if layer.roles}
         self._uses = {
@@ -313,25 +324,43 @@ class ProjectedAccumulator:
         return advantages.double()[layout.ids]
 
     # ------------------------------------------------------------------ hooks
-    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state = self._state
         if state is None or not torch.is_grad_enabled():
-            return
-        if self.strength == 0 and state.advantages is None:
-            return  # plain accumulation needs no sequence data
+            return None
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
-            return
+            return None
         layer = self._layers[module]
         x = layer.kernel.saved_input(args, kwargs)
+        # Checked on every forward, so bad seq_ids fail in the first microbatch too.
         seg = state.layout.token_segments(layer.kernel.lead_shape(module, x), layer.name)
+        if state.advantages is None and (
+            self.strength == 0 or all(p.grad is None for p in layer.roles.values())
+        ):
+            return None  # plain accumulation (nothing to project yet) needs no sequence data
         cast = None
         device_type = x.device.type
         if x.is_floating_point() and torch.is_autocast_enabled(device_type):
             # The layer multiplied the autocast-dtype copy of x: use the same values.
             cast = torch.get_autocast_dtype(device_type)
-        capture = _Capture(x, seg, cast)
+        if layer.fusable and self._fits_budget(layer, state.layout.num_sequences):
+            capture = _Capture(None, seg, cast, state.meter)
+            state.captures.setdefault(module, []).append(capture)
+            roles = tuple(layer.roles)
+            params = [layer.roles[r] for r in roles]
+            ctx_data = (output, module, layer.kernel, roles, capture)
+            return SequenceGradientGEMM.apply(x, *params, ctx_data)
+        capture = _Capture(x, seg, cast, state.meter)
         state.captures.setdefault(module, []).append(capture)
         output.register_hook(capture.receive)
+        return None
+
+    def _fits_budget(self, layer: _Layer, k: int) -> bool:
+        size = sum(
+            p.numel() * torch.promote_types(p.dtype, torch.float32).itemsize
+            for p in layer.roles.values()
+        )
+        return (k + 1) * size <= self.chunk_bytes
 
     def _on_grad(self, p: nn.Parameter, grad: torch.Tensor) -> torch.Tensor | None:
         state = self._state
@@ -345,10 +374,14 @@ class ProjectedAccumulator:
                 "with code outside it); use one backward per microbatch context"
             )
         acc = p.grad
-        if p in self._covered and (self.strength > 0 or state.advantages is not None):
+        if p in self._covered and (
+            state.advantages is not None or (self.strength > 0 and acc is not None)
+        ):
             new = self._project(p, name, acc, grad, state)
         else:
             new = grad if acc is None else acc + grad
+        if p in self._covered:
+            self._done_with(p, state)
         state.before[p] = acc
         # The hook returns the whole new running gradient into an empty p.grad, so the old
         # tensor stays intact and can be restored if the microbatch fails later.
@@ -368,9 +401,12 @@ class ProjectedAccumulator:
         for module, role in layers:
             layer = self._layers[module]
             for cap in state.captures.get(module, ()):
-                if cap.grad_out is not None:
+                if cap.precomputed is not None:
+                    s = cap.precomputed.pop(role)
+                    uses.append(Use(layer.kernel, module, role, cap.seg, precomputed=s))
+                elif cap.grad_out is not None and cap.x is not None:
                     x = cap.x if cap.cast is None else cap.x.to(cap.cast)
-                    uses.append(Use(layer.kernel, module, role, x, cap.grad_out, cap.seg))
+                    uses.append(Use(layer.kernel, module, role, cap.seg, x, cap.grad_out))
         if not uses:
             raise RuntimeError(
                 f"parameter '{name}' received a gradient in this microbatch but none of its "
@@ -380,7 +416,9 @@ class ProjectedAccumulator:
                 "parameter with exclude=[...]."
             )
         low_precision = p.dtype in (torch.float16, torch.bfloat16) or any(
-            u.x.dtype in (torch.float16, torch.bfloat16) for u in uses
+            c.cast is not None or (c.x is not None and c.x.dtype in _HALF)
+            for m, _ in layers
+            for c in state.captures.get(m, ())
         )
         # Reduced-precision GEMMs (bf16, TF32) differ from ours by up to ~1e-2 relative; a
         # missing use of the weight differs by O(1).
@@ -408,14 +446,19 @@ class ProjectedAccumulator:
             )
         finally:
             seq_grads.release()
-        for module, _ in layers:
-            done = state.roles_done.get(module, 0) + 1
-            state.roles_done[module] = done
-            if done == len(self._layers[module].roles):
-                state.captures.pop(module, None)  # free activations and output gradients
         if info is not None:
             self._stats.record(self._layers[layers[0][0]].kernel.kind, info)
         return new
+
+    def _done_with(self, p: nn.Parameter, state: _Microbatch) -> None:
+        """Free a layer's captures once every covered parameter of it has its gradient."""
+        for module, _ in self._uses[p]:
+            done = state.roles_done.get(module, 0) + 1
+            state.roles_done[module] = done
+            if done == len(self._layers[module].roles):
+                for cap in state.captures.pop(module, ()):
+                    for s in (cap.precomputed or {}).values():  # formed but not needed
+                        state.meter.add(-s.numel() * s.element_size())
 
     # ------------------------------------------------------------------ diagnostics
     def stats(self, flat: bool = False) -> dict:

@@ -23,15 +23,18 @@ from ._kernels import Kernel
 from ._layout import TokenSegments
 
 _GRAM_BLOCK_BYTES = 8 * 2**20
+_FP32_MAX_CANCELLATION = 64.0
 
 
-def _weighted_sum(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``Σ_i w_i s_i`` for ``s: (k, ...)``, accumulated in float64 block by block.
+def _weighted_sum(w: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor:
+    """``Σ_i w_i s_i`` for ``s: (k, ...)``; with ``exact``, accumulated in float64 blocks.
 
     The projection coefficients of nearly dependent sequence gradients are large and of mixed
-    sign; summing in float32 would cancel catastrophically (error ~ cond · eps32).
+    sign; summing those in float32 cancels catastrophically (error ~ κ · eps32).
     """
     flat = s.reshape(s.shape[0], -1)
+    if not exact:
+        return (w.to(s.dtype) @ flat).view(s.shape[1:])
     out = torch.empty(flat.shape[1], dtype=s.dtype, device=s.device)
     cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(s.shape[0], 1)))
     for a in range(0, flat.shape[1], cols):
@@ -45,14 +48,19 @@ class IncompleteSequenceDataError(RuntimeError):
 
 @dataclass
 class Use:
-    """One forward of a hooked layer whose output received a gradient."""
+    """One forward of a hooked layer whose output received a gradient.
+
+    Either ``x`` and ``grad_out`` (the kernel forms the sequence gradients on demand) or
+    ``precomputed``: ``(k + 1, *param.shape)`` sequence gradients formed during the backward.
+    """
 
     kernel: Kernel
     module: nn.Module
     role: str
-    x: torch.Tensor
-    grad_out: torch.Tensor
     seg: TokenSegments
+    x: torch.Tensor | None = None
+    grad_out: torch.Tensor | None = None
+    precomputed: torch.Tensor | None = None
 
 
 @dataclass
@@ -89,7 +97,10 @@ class TensorSequenceGradients:
         self.meter = meter
         self.check_rtol = check_rtol
         self.dtype = torch.promote_types(param.dtype, torch.float32)
-        touched = [u.kernel.touched_rows(u.module, u.role, u.x) for u in uses]
+        touched = [
+            None if u.precomputed is not None else u.kernel.touched_rows(u.module, u.role, u.x)
+            for u in uses
+        ]
         if all(t is not None for t in touched):
             self.rows: torch.Tensor | None = torch.unique(torch.cat(touched))  # type: ignore[arg-type]
             n_rows = self.rows.numel()
@@ -102,55 +113,80 @@ class TensorSequenceGradients:
         starts = range(0, n_rows, per_chunk)
         self.chunks = [self._chunk(a, min(a + per_chunk, n_rows)) for a in starts]
         self._kept: torch.Tensor | None = None
+        self._gram = torch.zeros(num_sequences, num_sequences, dtype=torch.float64)
 
     def _chunk(self, start: int, stop: int) -> slice | torch.Tensor:
         return slice(start, stop) if self.rows is None else self.rows[start:stop]
 
     def _form(self, rows: slice | torch.Tensor) -> torch.Tensor:
-        """``(k + 1, len(rows), ...)``: every use's per-sequence gradient of these rows, summed."""
+        """``(k + 1, len(rows), ...)``: every use's per-sequence gradient of these rows, summed.
+
+        Precomputed gradients are used as they are (their rows are a view); the result may
+        alias them, which is fine since each is consumed by this tensor alone.
+        """
         total = None
-        for u in self.uses:
-            part = u.kernel.seq_grads(u.module, u.role, u.x, u.grad_out, u.seg, rows, self.dtype)
-            total = part if total is None else total.add_(part)
+        for u in sorted(self.uses, key=lambda u: u.precomputed is None):
+            if u.precomputed is not None:
+                part = u.precomputed[:, rows]
+                if total is None:
+                    # Adding other uses into a view of a precomputed tensor is only safe when
+                    # each chunk is formed once.
+                    total = part if len(self.chunks) == 1 else part.clone()
+                else:
+                    total.add_(part)
+            elif total is None:
+                total = u.kernel.seq_grads(
+                    u.module, u.role, u.x, u.grad_out, u.seg, rows, self.dtype
+                )
+                self.meter.add(total.numel() * total.element_size())
+            else:
+                u.kernel.add_seq_grads(total, u.module, u.role, u.x, u.grad_out, u.seg, rows)
         assert total is not None
-        self.meter.add(total.numel() * total.element_size())
         return total
 
     def _release(self, s: torch.Tensor) -> None:
-        self.meter.add(-s.numel() * s.element_size())
+        if not any(u.precomputed is not None for u in self.uses):
+            self.meter.add(-s.numel() * s.element_size())
 
     def gram_and_inner(self, acc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over the sequence gradients, in float64 column blocks.
+
+        Forms the Gram matrix of all ``k + 1`` rows (sequences and padding) and the inner
+        products of every row with ``acc`` and with autograd's gradient ``g``; the consistency
+        check ``‖Σ_i S_i − g‖² = 1ᵀG1 − 2 Σ_i ⟨S_i, g⟩ + ‖g‖²`` then costs nothing extra.
+        """
         k = self.num_sequences
         device = self.param.device
-        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-        inner = torch.zeros(k, dtype=torch.float64, device=device)
-        mismatch = torch.zeros((), dtype=torch.float64, device=device)
+        gram = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=device)
+        inner = torch.zeros(k + 1, 2, dtype=torch.float64, device=device)
         covered = torch.zeros((), dtype=torch.float64, device=device)
         grad = self.autograd_grad
+        cols = max(1, _GRAM_BLOCK_BYTES // (8 * (k + 1)))
         for rows in self.chunks:
             s = self._form(rows)
             flat = s.reshape(k + 1, -1)
-            g_rows = grad[rows].reshape(-1).to(self.dtype)
-            mismatch += torch.linalg.vector_norm(flat.sum(0) - g_rows, dtype=torch.float64) ** 2
-            covered += torch.linalg.vector_norm(g_rows, dtype=torch.float64) ** 2
-            acc_rows = None if acc is None else acc[rows].reshape(-1)
-            cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(k, 1)))
+            vecs = grad[rows].reshape(1, -1)
+            if acc is not None:
+                vecs = torch.cat([acc[rows].reshape(1, -1), vecs])
             for a in range(0, flat.shape[1], cols):
-                block = flat[:k, a : a + cols].double()
+                block = flat[:, a : a + cols].double()
+                v = vecs[:, a : a + cols].double()
                 gram += block @ block.T
-                if acc_rows is not None:
-                    inner += block @ acc_rows[a : a + cols].double()
+                inner[:, 2 - v.shape[0] :] += block @ v.T
+                covered += v[-1] @ v[-1]
             if len(self.chunks) == 1:
                 self._kept = s
             else:
                 self._release(s)
-        self._check(mismatch, covered)
-        return gram, inner
+        self._check(gram, inner[:, 1], covered)
+        self._gram = gram[:k, :k]
+        return self._gram, inner[:k, 0]
 
-    def _check(self, mismatch: torch.Tensor, covered: torch.Tensor) -> None:
+    def _check(self, gram: torch.Tensor, inner_g: torch.Tensor, covered: torch.Tensor) -> None:
         total = torch.linalg.vector_norm(self.autograd_grad, dtype=torch.float64) ** 2
+        mismatch = gram.sum() - 2 * inner_g.sum() + covered
         # Rows no sequence touched must have no gradient either.
-        mismatch = mismatch + (total - covered).clamp(min=0)
+        mismatch = mismatch.clamp(min=0) + (total - covered).clamp(min=0)
         if bool(mismatch.sqrt() > self.check_rtol * total.sqrt() + 1e-30):
             layers = sorted({type(u.module).__name__ for u in self.uses})
             raise IncompleteSequenceDataError(
@@ -163,20 +199,34 @@ class TensorSequenceGradients:
             )
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
+        """``Σ_i w_i g_i``; in float32 unless cancellation would cost accuracy.
+
+        The cancellation factor ``κ = Σ_i |w_i| ‖g_i‖ / ‖Σ_i w_i g_i‖`` (from the Gram matrix)
+        bounds the float32 error by ``κ · eps32`` relative; above ``_FP32_MAX_CANCELLATION`` the
+        sum is accumulated in float64 (nearly dependent sequence gradients, large coefficients).
+        """
         k = self.num_sequences
         w = weights.to(torch.float64)
+        gram = self._gram
+        spread = (w.abs() * gram.diagonal().clamp(min=0).sqrt()).sum()
+        norm = (w @ gram @ w).clamp(min=0).sqrt()
+        exact = bool(spread > _FP32_MAX_CANCELLATION * norm)
         out = torch.empty(self.param.shape, dtype=self.dtype, device=self.param.device)
         if self.rows is not None or len(self.chunks) > 1:
             out.zero_()
         for rows in self.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
             self._kept = None
-            out[rows] = _weighted_sum(w, s[:k])
+            out[rows] = _weighted_sum(w, s[:k], exact)
             self._release(s)
         return out
 
     def release(self) -> None:
-        """Free a chunk kept for ``combine`` that was not needed."""
+        """Free everything: a chunk kept for ``combine``, and precomputed gradients."""
         if self._kept is not None:
             self._release(self._kept)
             self._kept = None
+        for u in self.uses:
+            if u.precomputed is not None:
+                self.meter.add(-u.precomputed.numel() * u.precomputed.element_size())
+                u.precomputed = None

@@ -17,6 +17,14 @@ class Kernel:
     """
 
     kind: str = "?"
+    # GEMM layers whose weight gradient can be formed as the sum of per-sequence gradients
+    # (see ``_fused``); they implement ``input_grad``.
+    fusable: bool = False
+
+    def input_grad(
+        self, module: nn.Module, grad_out: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
 
     def roles(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """The module's own parameters this kernel covers, by attribute name."""
@@ -61,6 +69,19 @@ class Kernel:
         token dims given by ``seg``; the result is computed in ``dtype``.
         """
         raise NotImplementedError
+
+    def add_seq_grads(
+        self,
+        total: torch.Tensor,
+        module: nn.Module,
+        role: str,
+        x: torch.Tensor,
+        grad_out: torch.Tensor,
+        seg: TokenSegments,
+        rows: Rows,
+    ) -> None:
+        """``total += seq_grads(...)``; kernels may add in place without a temporary."""
+        total.add_(self.seq_grads(module, role, x, grad_out, seg, rows, total.dtype))
 
 
 def tokens(t: torch.Tensor, features: int, dtype: torch.dtype) -> torch.Tensor:

@@ -17,6 +17,13 @@ from .linear import outer_by_sequence
 @register("transformers.pytorch_utils.Conv1D")
 class Conv1DKernel(Kernel):
     kind = "conv1d"
+    fusable = True
+
+    def input_grad(
+        self, module: nn.Module, grad_out: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """``∂L/∂a_t = W b_t``: ``(..., d_out) → (..., d_in)``."""
+        return grad_out @ weight.to(grad_out.dtype).T
 
     def seq_grads(
         self,

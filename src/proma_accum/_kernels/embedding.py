@@ -47,11 +47,24 @@ class EmbeddingKernel(Kernel):
         rows: Rows,
         dtype: torch.dtype,
     ) -> torch.Tensor:
+        n_rows = _row_index(rows, module, x.device).numel()
+        total = grad_out.new_zeros(seg.num_sequences + 1, n_rows, grad_out.shape[-1], dtype=dtype)
+        self.add_seq_grads(total, module, role, x, grad_out, seg, rows)
+        return total
+
+    def add_seq_grads(
+        self,
+        total: torch.Tensor,
+        module: nn.Module,
+        role: str,
+        x: torch.Tensor,
+        grad_out: torch.Tensor,
+        seg: TokenSegments,
+        rows: Rows,
+    ) -> None:
         ids = x.reshape(-1)
-        b = tokens(grad_out, 1, dtype)
-        if isinstance(rows, slice):
-            start, stop, _ = rows.indices(module.num_embeddings)
-            rows = torch.arange(start, stop, device=ids.device)
+        b = tokens(grad_out, 1, total.dtype)
+        rows = _row_index(rows, module, ids.device)
         n_rows = rows.numel()
         pos = torch.searchsorted(rows, ids).clamp_(max=max(n_rows - 1, 0))
         keep = rows[pos] == ids if n_rows else torch.zeros_like(ids, dtype=torch.bool)
@@ -59,6 +72,12 @@ class EmbeddingKernel(Kernel):
             keep &= ids != module.padding_idx
         k = seg.num_sequences
         seq = torch.where(seg.token_seq >= 0, seg.token_seq, k)
-        flat = b.new_zeros((k + 1) * n_rows, b.shape[1])
+        flat = total.view((k + 1) * n_rows, -1)  # rows of (sequence, embedding row)
         flat.index_add_(0, (seq * n_rows + pos)[keep], b[keep])
-        return flat.view(k + 1, n_rows, b.shape[1])
+
+
+def _row_index(rows: Rows, module: nn.Module, device: torch.device) -> torch.Tensor:
+    if isinstance(rows, slice):
+        start, stop, _ = rows.indices(module.num_embeddings)
+        return torch.arange(start, stop, device=device)
+    return rows

@@ -33,6 +33,13 @@ def outer_by_sequence(left: torch.Tensor, right: torch.Tensor, seg: TokenSegment
 @register(nn.Linear)
 class LinearKernel(Kernel):
     kind = "linear"
+    fusable = True
+
+    def input_grad(
+        self, module: nn.Module, grad_out: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """``∂L/∂a_t = Wᵀ b_t``: ``(..., d_out) → (..., d_in)``."""
+        return grad_out @ weight.to(grad_out.dtype)
 
     def seq_grads(
         self,
