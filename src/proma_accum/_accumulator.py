@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,7 @@ from torch import nn
 from ._fused import SequenceGradientGEMM
 from ._hooks import HookSet
 from ._kernels import Kernel, kernel_for
-from ._layout import SequenceLayout, TokenSegments
+from ._layout import SequenceLayout, ShapeMismatchError, TokenSegments
 from ._proma import SPAN_COEFFICIENTS, Projection, accumulate_proma
 from ._seq_grads import ByteMeter, TensorSequenceGradients, Use
 from ._stats import StatsRecorder, flatten
@@ -44,10 +45,19 @@ class _Capture:
         self.precomputed = per_sequence
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    return type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+
+
+def _raise(error: BaseException, grad: torch.Tensor) -> None:
+    raise error
+
+
 @dataclass
 class _Microbatch:
     layout: SequenceLayout
     advantages: torch.Tensor | None  # (k,) float64, in dense sequence order
+    world: int = 1
     captures: dict[nn.Module, list[_Capture]] = field(default_factory=dict)
     roles_done: dict[nn.Module, int] = field(default_factory=dict)
     before: dict[nn.Parameter, torch.Tensor | None] = field(default_factory=dict)
@@ -147,6 +157,11 @@ class ProjectedAccumulator:
         self.chunk_bytes = chunk_bytes
         self._hooks = HookSet()
         self._state: _Microbatch | None = None
+        # DDP that all-reduces after a microbatch averages the ranks' updates; see microbatch().
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self._ddp = ddp
+        self._world = ddp.process_group.size() if ddp is not None else 1
+        self._replicated = True
         self._stats = StatsRecorder()
         self._discover()
 
@@ -160,6 +175,14 @@ class ProjectedAccumulator:
             aliases.setdefault(p, []).append(name)
         self._names = names
         self._trainable = [p for p in names if p.requires_grad]
+        sharded = [n for p, n in names.items() if _is_dtensor(p)]
+        if sharded:
+            raise NotImplementedError(
+                f"parameters are sharded DTensors (FSDP2 / tensor parallel), e.g. "
+                f"'{sharded[0]}': the layers compute with gathered copies, so hooks on the "
+                "sharded parameters see no per-sequence data. FSDP is not supported yet; use "
+                "DDP (see the README's 'Distributed training')."
+            )
         self._layers: dict[nn.Module, _Layer] = {}
         self._uses: dict[nn.Parameter, list[tuple[nn.Module, str]]] = {}
         blocked: dict[nn.Parameter, str] = {}
@@ -273,16 +296,25 @@ class ProjectedAccumulator:
             raise RuntimeError("microbatch contexts cannot be nested")
         layout = SequenceLayout.from_seq_ids(seq_ids, self._device)
         adv = self._check_advantages(advantages, layout)
-        state = _Microbatch(layout, adv)
-        if all(p.grad is None for p in self._trainable):
+        new_step = all(p.grad is None for p in self._trainable)
+        synced = self._ddp is not None and bool(self._ddp.require_backward_grad_sync)
+        replicated = self._replicated or new_step
+        # Gradients all-reduced (averaged) after this backward, onto a running gradient that
+        # is the same on every rank: each rank removes W times its own (clamped) projection,
+        # so the average removes the sum of the ranks' projections.
+        world = self._world if synced and replicated else 1
+        state = _Microbatch(layout, adv, world=world)
+        if new_step:
             self._stats.new_step()
         self._stats.new_microbatch()
         self._state = state
         try:
             yield self
+            self._replicated = synced
         except BaseException:
             for p, before in state.before.items():
                 p.grad = before
+            self._replicated = replicated
             raise
         finally:
             self._state = None
@@ -332,8 +364,14 @@ class ProjectedAccumulator:
             return None
         layer = self._layers[module]
         x = layer.kernel.saved_input(args, kwargs)
-        # Checked on every forward, so bad seq_ids fail in the first microbatch too.
-        seg = state.layout.token_segments(layer.kernel.lead_shape(module, x), layer.name)
+        try:
+            seg = state.layout.token_segments(layer.kernel.lead_shape(module, x), layer.name)
+        except ShapeMismatchError as error:
+            # Raised only if this output gets a gradient (then inside the backward, so the
+            # microbatch still fails and restores p.grad): a call whose result never reaches
+            # the loss, like PEFT's DoRA norm on an identity matrix, needs no sequence split.
+            output.register_hook(functools.partial(_raise, error))
+            return None
         if state.advantages is None and (
             self.strength == 0 or all(p.grad is None for p in layer.roles.values())
         ):
@@ -443,6 +481,7 @@ class ProjectedAccumulator:
                 clamp=self.clamp,
                 strength=self.strength,
                 advantages=state.advantages,
+                world=state.world,
             )
         finally:
             seq_grads.release()

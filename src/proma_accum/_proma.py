@@ -107,6 +107,7 @@ def accumulate_proma(
     clamp: float | None,
     strength: float,
     advantages: torch.Tensor | None = None,
+    world: int = 1,
 ) -> tuple[torch.Tensor, UpdateInfo | None]:
     """The new running gradient ``acc - strength · clamp(P_span(acc)) + g`` of one tensor.
 
@@ -116,6 +117,9 @@ def accumulate_proma(
         seq_grads: the sequence-wise gradients ``g_1 .. g_k``.
         advantages: ``(k,)`` float64; if given, the microbatch gradient is ``Σ_i adv_i g_i``
             (the backward was of unit-advantage log-probabilities) and ``mcb_grad`` is ignored.
+        world: ``W > 1`` when the result is averaged over ``W`` data-parallel ranks that share
+            ``acc``: the clamp bound becomes ``clamp · ‖g‖ / W`` and ``W`` times the clamped
+            projection is removed, so the average removes ``Σ_r clamp(P_r(acc))``.
 
     Returns:
         The new running gradient (compute dtype) and diagnostics (None when nothing was
@@ -137,16 +141,16 @@ def accumulate_proma(
     proj_norm = (coeffs @ gram @ coeffs).clamp(min=0).sqrt()
     scale = torch.ones_like(proj_norm)
     if clamp is not None:
-        bound = clamp * mcb_norm
+        bound = clamp * mcb_norm / world
         scale = torch.where(proj_norm > bound, bound / proj_norm.clamp(min=1e-300), scale)
-    removed = strength * scale * coeffs
+    removed = world * strength * scale * coeffs
     # complemented_acc_grad + mcb_policy_grad, with both combinations done in one pass.
     delta = _plus_combination(mcb_grad, seq_grads, mcb_weights - removed, advantages is None)
     info = UpdateInfo(
         num_sequences=seq_grads.num_sequences,
         rank=numerical_rank(gram),
         acc_norm=torch.linalg.vector_norm(acc, dtype=torch.float64),
-        removed_norm=strength * scale * proj_norm,
+        removed_norm=world * strength * scale * proj_norm,
         clamp_bound=scale < 1,
         mcb_norm=mcb_norm,
     )

@@ -24,6 +24,11 @@ from ._layout import TokenSegments
 
 _GRAM_BLOCK_BYTES = 8 * 2**20
 _FP32_MAX_CANCELLATION = 64.0
+_FP32_GRAM_MAX_CONDITION = 100.0
+
+
+def _sq_norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dtype=torch.float64) ** 2
 
 
 def _weighted_sum(w: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor:
@@ -149,44 +154,63 @@ class TensorSequenceGradients:
             self.meter.add(-s.numel() * s.element_size())
 
     def gram_and_inner(self, acc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass over the sequence gradients, in float64 column blocks.
+        """``(G, r)`` in float64, from one float32 pass over the sequence gradients.
 
-        Forms the Gram matrix of all ``k + 1`` rows (sequences and padding) and the inner
-        products of every row with ``acc`` and with autograd's gradient ``g``; the consistency
-        check ``‖Σ_i S_i − g‖² = 1ᵀG1 − 2 Σ_i ⟨S_i, g⟩ + ‖g‖²`` then costs nothing extra.
+        The float32 Gram matrix is accurate to about ``eps32 · λ_max``, enough when ``G`` is well
+        conditioned; when ``λ_min < λ_max / _FP32_GRAM_MAX_CONDITION`` (nearly dependent or
+        repeated sequences, zero gradients) ``G`` and ``r`` are formed again in float64, so the
+        rank decision and the projection stay exact. The same pass checks
+        ``‖Σ_i S_i − g‖`` (padding row included) against autograd's gradient ``g``.
         """
+        gram, inner = self._pass(acc, precise=False, check=True)
+        eigval = torch.linalg.eigvalsh(gram)
+        if bool(eigval[0] * _FP32_GRAM_MAX_CONDITION < eigval[-1]):
+            gram, inner = self._pass(acc, precise=True, check=False)
+        self._gram = gram
+        return gram, inner
+
+    def _pass(
+        self, acc: torch.Tensor | None, precise: bool, check: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.num_sequences
         device = self.param.device
-        gram = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=device)
-        inner = torch.zeros(k + 1, 2, dtype=torch.float64, device=device)
+        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+        inner = torch.zeros(k, dtype=torch.float64, device=device)
+        mismatch = torch.zeros((), dtype=torch.float64, device=device)
         covered = torch.zeros((), dtype=torch.float64, device=device)
         grad = self.autograd_grad
-        cols = max(1, _GRAM_BLOCK_BYTES // (8 * (k + 1)))
         for rows in self.chunks:
-            s = self._form(rows)
+            s = self._kept if self._kept is not None else self._form(rows)
+            self._kept = None
             flat = s.reshape(k + 1, -1)
-            vecs = grad[rows].reshape(1, -1)
-            if acc is not None:
-                vecs = torch.cat([acc[rows].reshape(1, -1), vecs])
-            for a in range(0, flat.shape[1], cols):
-                block = flat[:, a : a + cols].double()
-                v = vecs[:, a : a + cols].double()
-                gram += block @ block.T
-                inner[:, 2 - v.shape[0] :] += block @ v.T
-                covered += v[-1] @ v[-1]
+            if check:
+                g_rows = grad[rows].reshape(-1).to(flat.dtype)
+                mismatch += _sq_norm(flat.sum(0) - g_rows)
+                covered += _sq_norm(g_rows)
+            acc_rows = None if acc is None else acc[rows].reshape(-1).to(flat.dtype)
+            if precise:
+                cols = max(1, _GRAM_BLOCK_BYTES // (8 * k))
+                for a in range(0, flat.shape[1], cols):
+                    block = flat[:k, a : a + cols].double()
+                    gram += block @ block.T
+                    if acc_rows is not None:
+                        inner += block @ acc_rows[a : a + cols].double()
+            else:
+                gram += (flat[:k] @ flat[:k].T).double()
+                if acc_rows is not None:
+                    inner += (flat[:k] @ acc_rows).double()
             if len(self.chunks) == 1:
                 self._kept = s
             else:
                 self._release(s)
-        self._check(gram, inner[:, 1], covered)
-        self._gram = gram[:k, :k]
-        return self._gram, inner[:k, 0]
+        if check:
+            self._check(mismatch, covered)
+        return gram, inner
 
-    def _check(self, gram: torch.Tensor, inner_g: torch.Tensor, covered: torch.Tensor) -> None:
+    def _check(self, mismatch: torch.Tensor, covered: torch.Tensor) -> None:
         total = torch.linalg.vector_norm(self.autograd_grad, dtype=torch.float64) ** 2
-        mismatch = gram.sum() - 2 * inner_g.sum() + covered
         # Rows no sequence touched must have no gradient either.
-        mismatch = mismatch.clamp(min=0) + (total - covered).clamp(min=0)
+        mismatch = mismatch + (total - covered).clamp(min=0)
         if bool(mismatch.sqrt() > self.check_rtol * total.sqrt() + 1e-30):
             layers = sorted({type(u.module).__name__ for u in self.uses})
             raise IncompleteSequenceDataError(
