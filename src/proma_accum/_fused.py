@@ -48,5 +48,5 @@ class SequenceGradientGEMM(torch.autograd.Function):
             capture.meter.add(s.numel() * s.element_size())
             per_sequence[role] = s
             grads.append(s.sum(0).to(p.dtype))
-        capture.receive_sequence_grads(per_sequence)
+        capture.receive_sequence_grads(per_sequence, dict(zip(ctx.roles, grads, strict=True)))
         return (grad_x, *grads, None)
