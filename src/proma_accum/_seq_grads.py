@@ -118,7 +118,9 @@ class TensorSequenceGradients:
         starts = range(0, n_rows, per_chunk)
         self.chunks = [self._chunk(a, min(a + per_chunk, n_rows)) for a in starts]
         self._kept: torch.Tensor | None = None
-        self._gram = torch.zeros(num_sequences, num_sequences, dtype=torch.float64)
+        self._gram = torch.zeros(
+            num_sequences, num_sequences, dtype=torch.float64, device=param.device
+        )
 
     def _chunk(self, start: int, stop: int) -> slice | torch.Tensor:
         return slice(start, stop) if self.rows is None else self.rows[start:stop]
