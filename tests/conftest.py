@@ -68,17 +68,26 @@ def hf_token_losses(model: nn.Module, mb: dict) -> torch.Tensor:
     )
 
 
+def ids_in_order(seq_ids: torch.Tensor) -> torch.Tensor:
+    """The distinct ids of ``seq_ids`` in order of first appearance (the accumulator's order)."""
+    seen: dict[int, None] = {}
+    for i in seq_ids.reshape(-1).tolist():
+        if i >= 0:
+            seen.setdefault(i, None)
+    return torch.tensor(list(seen), dtype=torch.long)
+
+
 def sequence_losses_from_tokens(token_losses: torch.Tensor, mb: dict) -> torch.Tensor:
-    """``(k,)`` per-sequence sums of token losses, in increasing id order."""
+    """``(k,)`` per-sequence sums of token losses, in order of first appearance."""
     seq_ids = mb["seq_ids"]
     if seq_ids.dim() == 1:
         seq_ids = seq_ids[:, None].expand_as(token_losses)
     valid = (seq_ids >= 0) & (mb["targets"] != -100)
-    ids, inverse = torch.unique(mb["seq_ids"][mb["seq_ids"] >= 0], return_inverse=True)
-    del inverse
-    dense = torch.searchsorted(ids, seq_ids.clamp(min=0))
+    ids = ids_in_order(mb["seq_ids"])
+    dense = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+    dense[ids] = torch.arange(ids.numel())
     out = token_losses.new_zeros(ids.numel())
-    return out.index_add(0, dense[valid], token_losses[valid])
+    return out.index_add(0, dense[seq_ids.clamp(min=0)][valid], token_losses[valid])
 
 
 def make_loss_fn(token_loss_fn):

@@ -218,3 +218,23 @@ def test_advantages_mode_requires_full_coverage(gen):
         with pytest.raises(ValueError, match="extra"):
             with acc.microbatch(torch.arange(2), advantages=torch.ones(2)):
                 pass
+
+
+def test_microbatch_of_padding_only(gen):
+    """No sequences: nothing to project against; loss mode adds the gradient plainly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    x = torch.randint(0, 10, (2, 3))
+    with ProjectedAccumulator(model) as acc:
+        with acc.microbatch(torch.tensor([0, 1])):
+            model(x).sum().backward()
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+        with acc.microbatch(torch.tensor([-1, -1])):
+            model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * before[n])
+    with ProjectedAccumulator(model) as acc:
+        with acc.microbatch(torch.tensor([-1, -1]), advantages=torch.ones(1)):
+            model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * before[n])  # no sequence: adds nothing

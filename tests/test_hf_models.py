@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import (
     hf_sequence_losses,
+    ids_in_order,
     packed_microbatches,
     row_microbatches,
     run_accumulator,
@@ -66,7 +67,7 @@ def test_qwen3_packed_matches_reference(mode, gen):
     if mode == "advantages":
         adv_by_id, adv_aligned = [], []
         for mb in mbs:
-            ids = torch.unique(mb["seq_ids"][mb["seq_ids"] >= 0])
+            ids = ids_in_order(mb["seq_ids"])
             table = torch.randn(int(ids.max()) + 1, generator=gen)
             adv_by_id.append(table)
             adv_aligned.append(table[ids])

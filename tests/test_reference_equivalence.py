@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import (
     ToyLM,
+    ids_in_order,
     packed_microbatches,
     row_microbatches,
     run_accumulator,
@@ -19,7 +20,7 @@ def _advantages(microbatches, gen):
     """Per microbatch: (id-indexed tensor for the accumulator, (k,) aligned for the reference)."""
     by_id, aligned = [], []
     for mb in microbatches:
-        ids = torch.unique(mb["seq_ids"][mb["seq_ids"] >= 0])
+        ids = ids_in_order(mb["seq_ids"])
         table = torch.zeros(int(ids.max()) + 1)
         table[ids] = torch.randn(ids.numel(), generator=gen)
         table[ids[0]] = 0.0  # a zero-advantage sequence is still projected against

@@ -3,7 +3,8 @@
 A microbatch names its sequences with ``seq_ids``: shape ``(B,)`` (one sequence per row) or
 ``(B, T)`` (one id per token; several sequences may share a row, and ``-1`` marks tokens that
 belong to no sequence). Ids are arbitrary non-negative integers; internally they are relabelled
-to ``0 .. k-1`` in increasing id order, so results do not depend on the labels.
+to ``0 .. k-1`` in order of first appearance (row-major), so results do not depend on the labels,
+and sequences stored one after another are contiguous blocks of tokens.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class SequenceLayout:
     Attributes:
         seq_ids: the user's tensor, ``(B,)`` or ``(B, T)``, int64.
         dense: same shape; dense index of each row/token's sequence, ``-1`` for padding.
-        ids: ``(k,)`` the distinct ids present, increasing; ``ids[i]`` is dense index ``i``.
+        ids: ``(k,)`` the distinct ids present, in order of first appearance; ``ids[i]`` is
+            dense index ``i`` (the order in which ``projection="gs2"`` visits sequences).
     """
 
     seq_ids: torch.Tensor
@@ -77,10 +79,18 @@ class SequenceLayout:
         if bool((seq_ids < -1).any()):
             raise ValueError("seq_ids must be >= -1 (-1 marks padding), got a smaller value")
         valid = seq_ids >= 0
-        ids, inverse = torch.unique(seq_ids[valid], sorted=True, return_inverse=True)
+        present = seq_ids[valid]  # row-major order
+        by_value, inverse = torch.unique(present, sorted=True, return_inverse=True)
+        positions = torch.arange(present.numel(), device=present.device)
+        first = torch.full_like(by_value, present.numel()).scatter_reduce_(
+            0, inverse, positions, "amin"
+        )
+        order = torch.argsort(first)  # dense index -> index into by_value
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
         dense = torch.full_like(seq_ids, -1)
-        dense[valid] = inverse
-        return cls(seq_ids=seq_ids, dense=dense, ids=ids)
+        dense[valid] = rank[inverse]
+        return cls(seq_ids=seq_ids, dense=dense, ids=by_value[order])
 
     def token_segments(self, lead_shape: torch.Size, layer: str) -> TokenSegments:
         """Segments for a layer input whose shape before the feature dim(s) is ``lead_shape``.
@@ -116,11 +126,11 @@ class SequenceLayout:
         k = self.num_sequences
         has_padding = bool((token_seq < 0).any())
         n = token_seq.numel()
-        # One sequence per row, rows already in id order: tokens are a (k, L) view, no gather.
-        if not has_padding and self.dense.shape[0] == k and n % k == 0:
-            rows = token_seq.view(k, -1)
-            expect = torch.arange(k, device=rows.device).unsqueeze(1)
-            if bool((rows == expect).all()):
+        # Sequences stored one after another with equal lengths (one per row, or packed runs):
+        # the tokens are a (k, L) view, no gather needed.
+        if not has_padding and k > 0 and n % k == 0:
+            expect = torch.arange(k, device=token_seq.device).repeat_interleave(n // k)
+            if bool((token_seq == expect).all()):
                 return TokenSegments(k, token_seq, None, True, False)
         valid = token_seq >= 0
         counts = torch.bincount(token_seq[valid], minlength=k)
@@ -138,8 +148,11 @@ def segment(x: torch.Tensor, seg: TokenSegments) -> torch.Tensor:
     """Group token rows ``x: (N, d)`` by sequence: ``(k, L, d)``, zero-padded."""
     if seg.rows_view:
         return x.view(seg.num_sequences, -1, x.shape[-1])
-    padded = torch.cat([x, x.new_zeros(1, x.shape[-1])])
-    return padded[seg.gather]
+    assert seg.gather is not None
+    n = x.shape[0]
+    grouped = x.index_select(0, seg.gather.reshape(-1).clamp(max=n - 1))
+    grouped = grouped.view(*seg.gather.shape, x.shape[-1])
+    return grouped.masked_fill_((seg.gather == n).unsqueeze(-1), 0)
 
 
 def padding_tokens(x: torch.Tensor, seg: TokenSegments) -> torch.Tensor:
