@@ -172,3 +172,15 @@ def test_single_microbatch_and_strength_zero_are_plain(seed, dtype):
     assert all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters())
     run_accumulator(model, mbs, toy_sequence_losses)  # negative control: projection changes it
     assert not all(torch.equal(p.grad, plain[n]) for n, p in model.named_parameters())
+
+
+@FAST
+@given(sequence_gradients(), st.floats(1e-8, 1e3))
+def test_exact_projection_does_not_depend_on_lengths(data, scale):
+    """A sequence scaled by a tiny (or huge) advantage is still a full direction of the span."""
+    s, acc = data
+    scaled = s.clone()
+    scaled[0] *= scale
+    complement = acc - span_coefficients_exact(s @ s.T, s @ acc) @ s
+    complement_scaled = acc - span_coefficients_exact(scaled @ scaled.T, scaled @ acc) @ scaled
+    torch.testing.assert_close(complement_scaled, complement, rtol=1e-7, atol=1e-9)

@@ -23,9 +23,9 @@ import torch
 
 Projection = Literal["exact", "gs2"]
 
-# Eigenvalues of G below RANK_RTOL * λ_max count as zero: singular values of the sequence
-# gradients below 1e-5 of the largest, about 100 float32 ulps, which float32 gradients cannot
-# resolve. The brute-force reference in ``proma_accum.testing`` uses the same threshold.
+# Eigenvalues of the normalised Gram matrix Ĝ below RANK_RTOL * λ_max count as zero: singular
+# values of the unit sequence gradients below 1e-5 of the largest, about 100 float32 ulps,
+# which float32 gradients cannot resolve. ``proma_accum.testing`` uses the same threshold.
 RANK_RTOL = 1e-10
 
 
@@ -43,17 +43,36 @@ class SequenceGradients(Protocol):
         ...
 
 
+def normalized_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Ĝ, norms, nonzero)``: the Gram matrix of the unit vectors ``g_i / ‖g_i‖``.
+
+    Zero gradients get a zero row and column. The span does not depend on the lengths of the
+    ``g_i``, and each ``g_i`` is known to its own relative precision, so rank decisions and
+    conditioning are judged on ``Ĝ`` (a sequence scaled by a tiny advantage is still a full
+    direction of the span).
+    """
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    nonzero = norms > 0
+    safe = torch.where(nonzero, norms, 1.0)
+    unit = gram / (safe[:, None] * safe[None, :])
+    return unit * (nonzero[:, None] & nonzero[None, :]), safe, nonzero
+
+
 def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """``c`` with ``Σ c_i g_i`` the orthogonal projection of ``acc`` onto ``span(g)``.
 
-    The note's ``project_to_complement_v1`` (QR), done rank-revealingly: ``c = G⁺ r`` with the
-    pseudo-inverse over the eigenvalues of ``G`` above ``RANK_RTOL · λ_max``, so duplicate,
+    The note's ``project_to_complement_v1`` (QR), done rank-revealingly on the unit vectors
+    ``u_i = g_i / ‖g_i‖``: ``α = Ĝ⁺ r̂`` with the pseudo-inverse over the eigenvalues of ``Ĝ``
+    above ``RANK_RTOL · λ_max``, ``r̂_i = ⟨u_i, acc⟩`` and ``c_i = α_i / ‖g_i‖``. Duplicate,
     linearly dependent and zero sequence gradients are fine.
     """
-    eigval, eigvec = torch.linalg.eigh(gram)
+    unit_gram, norms, nonzero = normalized_gram(gram)
+    eigval, eigvec = torch.linalg.eigh(unit_gram)
     keep = eigval > RANK_RTOL * eigval.max().clamp(min=0)
     inv = torch.where(keep, 1.0 / torch.where(keep, eigval, 1.0), 0.0)
-    return eigvec @ (inv * (eigvec.T @ inner))
+    unit_inner = torch.where(nonzero, inner / norms, 0.0)
+    alpha = eigvec @ (inv * (eigvec.T @ unit_inner))
+    return torch.where(nonzero, alpha / norms, 0.0)
 
 
 def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
@@ -64,11 +83,7 @@ def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tens
     ``r̂_i = ⟨u_i, acc⟩``): ``(I + L) α = r̂`` with ``L`` the strictly lower part of ``Ĝ``.
     Zero sequence gradients are skipped (the note's code would divide by zero).
     """
-    norms = gram.diagonal().clamp(min=0).sqrt()
-    nonzero = norms > 0
-    safe = torch.where(nonzero, norms, 1.0)
-    unit_gram = gram / (safe[:, None] * safe[None, :])
-    unit_gram = unit_gram * (nonzero[:, None] & nonzero[None, :])
+    unit_gram, safe, nonzero = normalized_gram(gram)
     unit_inner = torch.where(nonzero, inner / safe, 0.0)
     sweep = torch.eye(len(inner), dtype=gram.dtype, device=gram.device) + unit_gram.tril(-1)
     alpha = torch.zeros_like(unit_inner)
@@ -94,7 +109,8 @@ class UpdateInfo:
 
 
 def numerical_rank(gram: torch.Tensor) -> torch.Tensor:
-    eigval = torch.linalg.eigvalsh(gram)
+    """Dimension of ``span(g)``: eigenvalues of ``Ĝ`` above ``RANK_RTOL · λ_max``."""
+    eigval = torch.linalg.eigvalsh(normalized_gram(gram)[0])
     return (eigval > RANK_RTOL * eigval.max().clamp(min=0)).sum()
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ._kernels import Kernel
 from ._layout import TokenSegments
+from ._proma import normalized_gram
 
 _GRAM_BLOCK_BYTES = 8 * 2**20
 _FP32_MAX_CANCELLATION = 64.0
@@ -158,15 +159,17 @@ class TensorSequenceGradients:
     def gram_and_inner(self, acc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(G, r)`` in float64, from one float32 pass over the sequence gradients.
 
-        The float32 Gram matrix is accurate to about ``eps32 · λ_max``, enough when ``G`` is well
-        conditioned; when ``λ_min < λ_max / _FP32_GRAM_MAX_CONDITION`` (nearly dependent or
-        repeated sequences, zero gradients) ``G`` and ``r`` are formed again in float64, so the
-        rank decision and the projection stay exact. The same pass checks
+        Each float32 entry ``G_ij`` is accurate to about ``eps32 · ‖g_i‖ ‖g_j‖``, enough when the
+        normalised Gram ``Ĝ`` of the nonzero ``g_i`` is well conditioned; when
+        ``λ_min(Ĝ) < λ_max(Ĝ) / _FP32_GRAM_MAX_CONDITION`` (nearly dependent or repeated
+        sequences) ``G`` and ``r`` are formed again in float64, so the rank decision and the
+        projection stay exact. The same pass checks
         ``‖Σ_i S_i − g‖`` (padding row included) against autograd's gradient ``g``.
         """
         gram, inner = self._pass(acc, precise=False, check=self.check_rtol is not None)
-        eigval = torch.linalg.eigvalsh(gram)
-        if bool(eigval[0] * _FP32_GRAM_MAX_CONDITION < eigval[-1]):
+        unit_gram, _, nonzero = normalized_gram(gram)
+        eigval = torch.linalg.eigvalsh(unit_gram[nonzero][:, nonzero])
+        if eigval.numel() and bool(eigval[0] * _FP32_GRAM_MAX_CONDITION < eigval[-1]):
             gram, inner = self._pass(acc, precise=True, check=False)
         self._gram = gram
         return gram, inner

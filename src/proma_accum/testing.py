@@ -41,9 +41,11 @@ SINGULAR_RTOL = RANK_RTOL**0.5
 def project_to_complement_v1(acc_vec: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
     """Figure 3, v1: remove from ``acc_vec: (d,)`` its projection onto ``span(vecs: (d, k))``.
 
-    An orthonormal basis of the span from the SVD, keeping singular values above
-    ``SINGULAR_RTOL`` of the largest: rank-revealing, unlike a plain QR.
+    An orthonormal basis of the span from the SVD of the normalised nonzero columns, keeping
+    singular values above ``SINGULAR_RTOL`` of the largest: rank-revealing, unlike a plain QR.
     """
+    norms = torch.linalg.vector_norm(vecs, dim=0)
+    vecs = vecs[:, norms > 0] / norms[norms > 0]  # the span does not depend on the lengths
     if vecs.shape[1] == 0:
         return acc_vec.clone()
     u, s, _ = torch.linalg.svd(vecs, full_matrices=False)
