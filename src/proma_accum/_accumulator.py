@@ -22,7 +22,9 @@ from ._proma import SPAN_COEFFICIENTS, Projection, accumulate_proma
 from ._seq_grads import ByteMeter, TensorSequenceGradients, Use
 from ._stats import StatsRecorder, flatten
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Per-sequence gradients of one tensor, (k + 1) x its size, are formed whole (and, for Linear and
+# Conv1D, in place of the weight-gradient GEMM) up to this size; larger ones go chunk by chunk.
+DEFAULT_CHUNK_BYTES = 2**30
 _HALF = (torch.float16, torch.bfloat16)
 
 
