@@ -188,22 +188,22 @@ class TensorSequenceGradients:
             s = self._kept if self._kept is not None else self._form(rows)
             self._kept = None
             flat = s.reshape(k + 1, -1)
-            if check:
-                g_rows = grad[rows].reshape(-1).to(flat.dtype)
-                mismatch += _sq_norm(flat.sum(0) - g_rows)
-                covered += _sq_norm(g_rows)
-            acc_rows = None if acc is None else acc[rows].reshape(-1).to(flat.dtype)
-            if precise:
-                cols = max(1, _GRAM_BLOCK_BYTES // (8 * k))
-                for a in range(0, flat.shape[1], cols):
-                    block = flat[:k, a : a + cols].double()
-                    gram += block @ block.T
-                    if acc_rows is not None:
-                        inner += block @ acc_rows[a : a + cols].double()
-            else:
-                gram += (flat[:k] @ flat[:k].T).double()
+            g_rows = grad[rows].reshape(-1)
+            acc_rows = None if acc is None else acc[rows].reshape(-1)
+            # Column blocks that stay in cache: the Gram matrix, the inner products and the
+            # sum check read each block once (whole-tensor calls would read S three times).
+            item = 8 if precise else flat.element_size()
+            cols = max(1, _GRAM_BLOCK_BYTES // (item * (k + 1)))
+            for a in range(0, flat.shape[1], cols):
+                block = flat[:, a : a + cols]
+                if check:
+                    g_block = g_rows[a : a + cols].to(block.dtype)
+                    mismatch += _sq_norm(block.sum(0) - g_block)
+                    covered += _sq_norm(g_block)
+                seqs = block[:k].double() if precise else block[:k]
+                gram += (seqs @ seqs.T).double()
                 if acc_rows is not None:
-                    inner += (flat[:k] @ acc_rows).double()
+                    inner += (seqs @ acc_rows[a : a + cols].to(seqs.dtype)).double()
             if len(self.chunks) == 1:
                 self._kept = s
             else:
