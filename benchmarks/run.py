@@ -481,8 +481,8 @@ def _parser() -> argparse.ArgumentParser:
         "--quiet-wait",
         type=float,
         help="before each measurement, wait up to this many seconds for other processes to "
-        f"use less than {QUIET_THRESHOLD:.0%} of the CPUs, or to leave each of the benchmark's "
-        "threads a CPU (default 5; 0 with --quick)",
+        f"use less than {100 * QUIET_THRESHOLD:.0f}%% of the CPUs, or to leave each of the "
+        "benchmark's threads a CPU (default 5; 0 with --quick)",
     )
     p.add_argument(
         "--timeout",
