@@ -111,3 +111,16 @@ def test_baselines_compute_what_the_library_computes(workload):
         assert rel("opacus-materialised", "proma-exact", every) < 1e-4
     assert rel("loop-style", "proma-gs2", linear) < 1e-4
     assert torch.isfinite(torch.stack([g.norm() for g in grads["loop-style"].values()])).all()
+
+
+def test_help_and_list():
+    for flag in ("--help", "--list"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.run", flag],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "default" in proc.stdout
