@@ -421,8 +421,10 @@ class ProjectedAccumulator:
         no_sequences = state.layout.num_sequences == 0
         if p in self._covered and state.advantages is not None and no_sequences:
             new = torch.zeros_like(grad) if acc is None else acc  # Σ_i adv_i g_i over no i
-        elif p in self._covered and not no_sequences and (
-            state.advantages is not None or (self.strength > 0 and acc is not None)
+        elif (
+            p in self._covered
+            and not no_sequences
+            and (state.advantages is not None or (self.strength > 0 and acc is not None))
         ):
             new = self._project(p, name, acc, grad, state)
         else:
