@@ -44,3 +44,33 @@ def test_chunk_budget_bounds_the_peak():
     # negative control: without the budget the tied embedding is formed whole
     assert _peak(model, k) > 4 * budget
     assert largest * (k + 1) > 4 * budget
+
+
+def test_fused_path_replaces_the_weight_gradient_and_first_microbatch_is_free(monkeypatch):
+    """Structural: GEMM layers form per-sequence gradients in the fused backward (no second
+    weight-gradient GEMM), and the first microbatch of a step forms none at all."""
+    from proma_accum import ProjectedAccumulator
+    from proma_accum._fused import SequenceGradientGEMM
+
+    calls = []
+    backward = SequenceGradientGEMM.backward
+
+    def counting(ctx, grad_out):
+        calls.append(ctx.module)
+        return backward(ctx, grad_out)
+
+    monkeypatch.setattr(SequenceGradientGEMM, "backward", staticmethod(counting))
+    model = tiny_qwen3(tied=False, layers=2, vocab=256)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    mbs = row_microbatches(torch.Generator().manual_seed(0), 2, rows=3, length=6, vocab=256)
+    with ProjectedAccumulator(model) as acc:
+        with acc.microbatch(mbs[0]["seq_ids"]):
+            hf_sequence_losses(model, mbs[0]).sum().backward()
+        assert calls == []  # nothing accumulated yet: plain accumulation, no sequence data
+        with acc.microbatch(mbs[1]["seq_ids"]):
+            hf_sequence_losses(model, mbs[1]).sum().backward()
+    assert sorted(map(id, calls)) == sorted(map(id, linears))
+    # negative control: a budget below one layer's sequence gradients disables the fused path
+    calls.clear()
+    run_accumulator(model, mbs, hf_sequence_losses, chunk_bytes=1024)
+    assert calls == []
