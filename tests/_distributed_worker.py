@@ -71,23 +71,159 @@ def run_ddp(
     return _grads(model)
 
 
-def run_fsdp2(rank: int) -> dict:
+def _full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient as a full tensor (all-gathers sharded ones: collective)."""
+    return {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_fsdp2(
+    rank: int,
+    sync_every: bool,
+    mesh=None,
+    fail_at: int | None = None,
+    mixed: bool = False,
+) -> dict:
+    """FSDP2 on the blocks and the root. ``fail_at``: that microbatch first fails after its
+    backward (the grads must be restored), then runs again. ``mixed``: float64 parameters,
+    float32 compute, float64 reduction (FSDP2 keeps the running gradient in float64)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from proma_accum import ProjectedAccumulator
+
+    model = make_model()
+    kwargs: dict = {} if mesh is None else {"mesh": mesh}
+    if mixed:
+        model.double()
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.float32, reduce_dtype=torch.float64
+        )
+    for block in (model[1], model[4], model):
+        fully_shard(block, **kwargs)
+    acc = ProjectedAccumulator(model, clamp=0.5)
+    out: dict = {"restored": None}
+    with acc:
+        for m in range(MICROBATCHES):
+            model.set_requires_gradient_sync(sync_every or m == MICROBATCHES - 1)
+            if m == fail_at:
+                before = _full_grads(model)
+                with contextlib.suppress(RuntimeError), acc.microbatch(torch.arange(ROWS)):
+                    sequence_losses(model, microbatch(rank, m)).sum().backward()
+                    raise RuntimeError("fails after the backward")
+                if not sync_every:  # the local part is not in p.grad: reduce it to compare
+                    model.set_requires_gradient_sync(True)
+                after = _full_grads(model)
+                out["restored"] = before.keys() == after.keys() and all(
+                    torch.equal(before[n], after[n]) for n in before
+                )
+            with acc.microbatch(torch.arange(ROWS)):
+                sequence_losses(model, microbatch(rank, m)).sum().backward()
+    out["grads"] = {n: g.tolist() for n, g in _full_grads(model).items()}
+    out["updates"] = acc.stats()["step"]["all"]["updates"]
+    copies = [
+        fp._unsharded_param
+        for block in (model[1], model[4], model)
+        for group in block._get_fsdp_state()._fsdp_param_groups
+        for fp in group.fsdp_params
+    ]
+    out["hooks_left"] = sum(len(c._backward_hooks or {}) for c in copies)
+    out["copies"] = len(copies)
+    return out
+
+
+def run_qwen3_fsdp2_solo(mesh) -> dict:
+    """A tiny tied-embedding Qwen3 with FSDP2 on every decoder layer and the root, over one
+    rank, against the same model without FSDP2: per-tensor relative gradient errors."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from proma_accum import ProjectedAccumulator
+
+    cfg = Qwen3Config(
+        vocab_size=VOCAB * 3,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=True,
+    )
+    grads = []
+    for sharded in (False, True):
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(cfg)
+        if sharded:
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        with ProjectedAccumulator(model, clamp=0.5) as acc:
+            for m in range(MICROBATCHES):
+                tokens = torch.randint(
+                    0, VOCAB * 3, (ROWS, 6), generator=torch.Generator().manual_seed(m)
+                )
+                with acc.microbatch(torch.arange(ROWS)):
+                    logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
+                    loss = nn.functional.cross_entropy(
+                        logits.transpose(1, 2), tokens[:, 1:], reduction="sum"
+                    )
+                    loss.backward()
+        grads.append(
+            {n: (p.grad.full_tensor() if sharded else p.grad) for n, p in model.named_parameters()}
+        )
+        updates = acc.stats()["step"]["all"]["updates"]
+    plain, fsdp = grads
+    return {
+        "errors": {n: float((fsdp[n] - plain[n]).norm() / plain[n].norm()) for n in plain},
+        "updates": updates,
+    }
+
+
+def run_fsdp1(rank: int) -> str | None:
+    """FSDP1 is refused clearly (returns the error)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from proma_accum import ProjectedAccumulator
+
+    model = FullyShardedDataParallel(make_model(), device_id=torch.device("cpu"))
+    try:
+        ProjectedAccumulator(model)
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
+
+
+def run_fsdp2_divide_factor(rank: int) -> str | None:
+    """A custom FSDP2 gradient divide factor breaks the averaging rule: refused clearly."""
     from torch.distributed.fsdp import fully_shard
 
     from proma_accum import ProjectedAccumulator
 
     model = make_model()
     fully_shard(model)
+    model.set_gradient_divide_factor(1.0)
     try:
-        acc = ProjectedAccumulator(model, clamp=0.5)
-        with acc:
-            for m in range(MICROBATCHES):
-                with acc.microbatch(torch.arange(ROWS)):
-                    sequence_losses(model, microbatch(rank, m)).sum().backward()
-        updates = acc.stats()["step"].get("all", {}).get("updates", 0.0)
-        return {"updates": updates, "error": None}
-    except Exception as exc:  # reported, not raised: the test decides
-        return {"updates": 0.0, "error": f"{type(exc).__name__}: {exc}"}
+        with ProjectedAccumulator(model) as acc, acc.microbatch(torch.arange(ROWS)):
+            sequence_losses(model, microbatch(rank, 0)).sum().backward()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def run_tensor_parallel(rank: int, world: int) -> str | None:
+    """A DTensor parameter not managed by FSDP2 must be refused (returns the error)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from proma_accum import ProjectedAccumulator
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world,))
+    model[1].weight = nn.Parameter(distribute_tensor(model[1].weight.detach(), mesh, [Shard(0)]))
+    try:
+        ProjectedAccumulator(model)
+    except NotImplementedError as exc:
+        return str(exc)
+    return None
 
 
 def main(rank: int, world: int, port: int, queue) -> None:
@@ -107,7 +243,20 @@ def main(rank: int, world: int, port: int, queue) -> None:
         # one process per group: DDP over a group of size 1 must be plain PROMA
         solo = [dist.new_group([r]) for r in range(world)]
         out["solo"] = run_ddp(rank, sync_every=True, group=solo[rank])
-        out["fsdp2"] = run_fsdp2(rank)
+        out["fsdp2_every"] = run_fsdp2(rank, sync_every=True)
+        out["fsdp2_local"] = run_fsdp2(rank, sync_every=False)
+        out["fsdp2_every_fail"] = run_fsdp2(rank, sync_every=True, fail_at=1)
+        out["fsdp2_mixed_local"] = run_fsdp2(rank, sync_every=False, mixed=True)
+        out["fsdp2_mixed_every"] = run_fsdp2(rank, sync_every=True, mixed=True)
+        from torch.distributed.device_mesh import DeviceMesh
+
+        out["fsdp2_solo"] = run_fsdp2(
+            rank, sync_every=True, mesh=DeviceMesh.from_group(solo[rank], "cpu")
+        )
+        out["qwen3_fsdp2_solo"] = run_qwen3_fsdp2_solo(DeviceMesh.from_group(solo[rank], "cpu"))
+        out["tensor_parallel"] = run_tensor_parallel(rank, world)
+        out["fsdp2_divide_factor"] = run_fsdp2_divide_factor(rank)
+        out["fsdp1"] = run_fsdp1(rank)
     except Exception:
         out["error"] = traceback.format_exc()
     queue.put((rank, out))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._fused import SequenceGradientGEMM
+from ._grad_slots import GradSlot, ShardedSlot, Taken, refuse_fsdp1, sharded_slots
 from ._hooks import HookSet
 from ._kernels import Kernel, kernel_for
 from ._layout import SequenceLayout, ShapeMismatchError, TokenSegments
@@ -66,7 +67,7 @@ class _Microbatch:
     world: int = 1
     captures: dict[nn.Module, list[_Capture]] = field(default_factory=dict)
     roles_done: dict[nn.Module, int] = field(default_factory=dict)
-    before: dict[nn.Parameter, torch.Tensor | None] = field(default_factory=dict)
+    before: dict[nn.Parameter, Taken] = field(default_factory=dict)
     meter: ByteMeter = field(default_factory=ByteMeter)
 
 
@@ -92,7 +93,9 @@ class ProjectedAccumulator:
     ``clamp · ‖g_m‖`` when it is longer. Other trainable tensors accumulate plainly.
 
     Args:
-        model: the module whose layers are hooked.
+        model: the module whose layers are hooked: a plain module, a
+            ``DistributedDataParallel`` wrapper, or a module with FSDP2 (``fully_shard``)
+            submodules (see the README's "Distributed training" for the multi-process rule).
         projection: ``"exact"`` or ``"gs2"``.
         clamp: bound on the removed part relative to ``‖g_m‖``; ``None`` turns the clamp off.
             The note's experiment used 0.5.
@@ -181,13 +184,19 @@ class ProjectedAccumulator:
             aliases.setdefault(p, []).append(name)
         self._names = names
         self._trainable = [p for p in names if p.requires_grad]
-        sharded = [n for p, n in names.items() if _is_dtensor(p)]
-        if sharded:
+        # FSDP2: the layers compute with unsharded copies; see _grad_slots.
+        refuse_fsdp1(self.model)
+        self._fsdp = sharded_slots(self.model)
+        self._slots: dict[nn.Parameter, GradSlot] = {p: GradSlot(p) for p in names}
+        for slots in self._fsdp.values():
+            self._slots.update((s.param, s) for s in slots if s.param in names)
+        other = [n for p, n in names.items() if _is_dtensor(p) and type(self._slots[p]) is GradSlot]
+        if other:
             raise NotImplementedError(
-                f"parameters are sharded DTensors (FSDP2 / tensor parallel), e.g. "
-                f"'{sharded[0]}': the layers compute with gathered copies, so hooks on the "
-                "sharded parameters see no per-sequence data. FSDP is not supported yet; use "
-                "DDP (see the README's 'Distributed training')."
+                f"parameter '{other[0]}' is a DTensor not managed by FSDP2 (fully_shard), e.g. "
+                "tensor parallel: a sequence's gradient is split across ranks, which PROMA's "
+                "per-rank projection does not support. Use FSDP2 or DDP (see the README's "
+                "'Distributed training')."
             )
         self._layers: dict[nn.Module, _Layer] = {}
         self._uses: dict[nn.Parameter, list[tuple[nn.Module, str]]] = {}
@@ -258,7 +267,16 @@ class ProjectedAccumulator:
                 "See unprojected_parameters().",
                 stacklevel=2,
             )
-        self._hooks.attach(list(self._layers), self._trainable, self._on_forward, self._on_grad)
+        unsharded = {
+            module: [
+                (s.param, functools.partial(getattr, s.fsdp_param, "_unsharded_param", None))
+                for s in slots
+                if s.param.requires_grad
+            ]
+            for module, slots in self._fsdp.items()
+        }
+        plain = [p for p in self._trainable if not isinstance(self._slots[p], ShardedSlot)]
+        self._hooks.attach(list(self._layers), plain, self._on_forward, self._on_grad, unsharded)
         return self
 
     def detach(self) -> None:
@@ -302,7 +320,11 @@ class ProjectedAccumulator:
             raise RuntimeError("microbatch contexts cannot be nested")
         layout = SequenceLayout.from_seq_ids(seq_ids, self._device)
         adv = self._check_advantages(advantages, layout)
-        new_step = all(p.grad is None for p in self._trainable)
+        for p in self._covered:
+            slot = self._slots[p]
+            if isinstance(slot, ShardedSlot):
+                slot.check_reduction(self._names[p])
+        new_step = not any(self._slots[p].has_grad() for p in self._trainable)
         synced = self._ddp is not None and bool(self._ddp.require_backward_grad_sync)
         replicated = self._replicated or new_step
         # Gradients all-reduced (averaged) after this backward, onto a running gradient that
@@ -310,6 +332,7 @@ class ProjectedAccumulator:
         # so the average removes the sum of the ranks' projections.
         world = self._world if synced and replicated else 1
         state = _Microbatch(layout, adv, world=world)
+        stats = self._stats.checkpoint()
         if new_step:
             self._stats.new_step()
         self._stats.new_microbatch()
@@ -318,8 +341,9 @@ class ProjectedAccumulator:
             yield self
             self._replicated = synced
         except BaseException:
-            for p, before in state.before.items():
-                p.grad = before
+            for taken in state.before.values():
+                taken.restore()
+            self._stats.restore(stats)
             self._replicated = replicated
             raise
         finally:
@@ -379,7 +403,7 @@ class ProjectedAccumulator:
             output.register_hook(functools.partial(_raise, error))
             return None
         if state.advantages is None and (
-            self.strength == 0 or all(p.grad is None for p in layer.roles.values())
+            self.strength == 0 or not any(self._slots[p].has_grad() for p in layer.roles.values())
         ):
             return None  # plain accumulation (nothing to project yet) needs no sequence data
         cast = None
@@ -391,7 +415,8 @@ class ProjectedAccumulator:
             capture = _Capture(None, seg, cast, state.meter)
             state.captures.setdefault(module, []).append(capture)
             roles = tuple(layer.roles)
-            params = [layer.roles[r] for r in roles]
+            current = layer.kernel.roles(module)  # under FSDP2: the unsharded copies
+            params = [current[r] for r in roles]
             ctx_data = (output, module, layer.kernel, roles, capture)
             return SequenceGradientGEMM.apply(x, *params, ctx_data)
         capture = _Capture(x, seg, cast, state.meter)
@@ -417,7 +442,16 @@ class ProjectedAccumulator:
                 "backward calls, or reentrant checkpointing of a block that shares the tensor "
                 "with code outside it); use one backward per microbatch context"
             )
-        acc = p.grad
+        slot = self._slots[p]
+        # Gathering a sharded running gradient is a collective: decided the same on all ranks.
+        acc, local, taken = slot.take(gather=p in self._covered and self.strength > 0)
+        state.before[p] = taken
+        if isinstance(slot, ShardedSlot):
+            # Averaged over the ranks after this backward, onto a replicated running gradient
+            # (the all-gathered shards): remove W times this rank's projection, as for DDP.
+            world = slot.world if slot.synced and not local else 1
+        else:
+            world = state.world
         no_sequences = state.layout.num_sequences == 0
         if p in self._covered and state.advantages is not None and no_sequences:
             new = torch.zeros_like(grad) if acc is None else acc  # Σ_i adv_i g_i over no i
@@ -426,24 +460,24 @@ class ProjectedAccumulator:
             and not no_sequences
             and (state.advantages is not None or (self.strength > 0 and acc is not None))
         ):
-            new = self._project(p, name, acc, grad, state)
+            new = self._project(p, slot.target, name, acc, grad, state, world)
         else:
             new = grad if acc is None else acc + grad
         if p in self._covered:
             self._done_with(p, state)
-        state.before[p] = acc
-        # The hook returns the whole new running gradient into an empty p.grad, so the old
+        # The hook returns the whole new running gradient into an emptied p.grad, so the old
         # tensor stays intact and can be restored if the microbatch fails later.
-        p.grad = None
-        return new.to(p.dtype)
+        return slot.give(new, grad)
 
     def _project(
         self,
         p: nn.Parameter,
+        target: torch.Tensor,
         name: str,
         acc: torch.Tensor | None,
         grad: torch.Tensor,
         state: _Microbatch,
+        world: int,
     ) -> torch.Tensor:
         uses: list[Use] = []
         layers = self._uses[p]
@@ -469,7 +503,7 @@ class ProjectedAccumulator:
                 "module (e.g. a fused LM head). Call the module itself, or exclude the "
                 "parameter with exclude=[...]."
             )
-        low_precision = p.dtype in (torch.float16, torch.bfloat16) or any(
+        low_precision = target.dtype in _HALF or any(
             c.cast is not None or (c.x is not None and c.x.dtype in _HALF)
             for m, _ in layers
             for c in state.captures.get(m, ())
@@ -480,7 +514,7 @@ class ProjectedAccumulator:
         check_rtol = 2e-2 if loose else 1e-3
         seq_grads = TensorSequenceGradients(
             name,
-            p,
+            target,
             uses,
             state.layout.num_sequences,
             grad,
@@ -497,7 +531,7 @@ class ProjectedAccumulator:
                 clamp=self.clamp,
                 strength=self.strength,
                 advantages=state.advantages,
-                world=state.world,
+                world=world,
             )
         finally:
             seq_grads.release()

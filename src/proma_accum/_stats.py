@@ -42,6 +42,18 @@ class StatsRecorder:
         self._step_microbatches += 1
         self._last = {}
 
+    def checkpoint(self) -> tuple:
+        """Everything but the byte peak, to :meth:`restore` after a failed microbatch."""
+        tables = tuple(
+            {g: defaultdict(float, row) for g, row in t.items()} for t in (self._step, self._last)
+        )
+        return (self.microbatches, self.steps, self._step_microbatches, *tables)
+
+    def restore(self, checkpoint: tuple) -> None:
+        (self.microbatches, self.steps, self._step_microbatches, self._step, self._last) = (
+            checkpoint
+        )
+
     def record(self, group: str, info: UpdateInfo) -> None:
         for key in (group, "all"):
             for table in (self._last, self._step):

@@ -35,12 +35,27 @@ def register(*targets: type | str) -> Callable[[type[Kernel]], type[Kernel]]:
 
 
 def kernel_for(module: nn.Module) -> Kernel | None:
-    """The kernel registered for ``type(module)`` exactly (subclasses may change the math)."""
-    cls = type(module)
+    """The kernel registered for ``type(module)`` exactly (subclasses may change the math).
+
+    FSDP2's ``fully_shard`` swaps a module's class for ``FSDP<Class>(FSDPModule, Class)``,
+    which only adds hooks around the forward: such a module gets ``Class``'s kernel.
+    """
+    cls = _unwrapped_class(type(module))
     kernel = _BY_TYPE.get(cls)
     if kernel is None:
         kernel = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
     return kernel
+
+
+def _unwrapped_class(cls: type) -> type:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return cls
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0] is FSDPModule and cls.__name__ == f"FSDP{bases[1].__name__}":
+        return bases[1]
+    return cls
 
 
 # Importing the kernel modules registers them.

@@ -1,0 +1,190 @@
+"""Where a parameter's running gradient lives, and how a microbatch takes it out and puts it back.
+
+PROMA needs the running gradient ``A`` of a tensor when that tensor's microbatch gradient
+arrives, and hands autograd the new running gradient in its place. For an ordinary parameter
+``A`` is ``p.grad``. Under FSDP2 (``fully_shard``) the layers compute with an *unsharded* copy
+``p_u`` of each sharded ``DTensor`` parameter ``p``, and the running gradient can live in three
+places:
+
+* ``p_u.grad`` — gradient accumulated locally, not yet reduce-scattered (microbatches under
+  ``set_requires_gradient_sync(False)``);
+* FSDP's ``unsharded_accumulated_grad`` — the same in the reduce dtype of a mixed-precision
+  policy;
+* ``p.grad`` — the sharded ``DTensor`` gradient, already reduce-scattered (averaged over ranks).
+
+:meth:`GradSlot.take` returns their sum as one full tensor, empties every place and remembers
+what was there, so a failed microbatch can put every tensor object back (:meth:`Taken.restore`).
+Gathering the sharded part is the one collective PROMA adds under FSDP2, and only when the
+gradient was reduce-scattered after an earlier microbatch of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Taken:
+    """What one microbatch took out of a parameter's gradient places: ``(object, attr, value)``."""
+
+    places: list[tuple[Any, str, torch.Tensor | None]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        for obj, attr, value in self.places:
+            setattr(obj, attr, value)
+
+
+@dataclass
+class GradSlot:
+    """An ordinary parameter: the running gradient is ``param.grad``."""
+
+    param: nn.Parameter
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The tensor autograd accumulates into (its gradient hook is PROMA's)."""
+        return self.param
+
+    def has_grad(self) -> bool:
+        return self.param.grad is not None
+
+    def take(self, gather: bool) -> tuple[torch.Tensor | None, bool, Taken]:
+        """``(A, local, taken)``: the running gradient (emptied), whether part of it is local
+        (not yet averaged over data-parallel ranks), and how to put it back."""
+        acc = self.param.grad
+        self.param.grad = None
+        return acc, False, Taken([(self.param, "grad", acc)])
+
+    def give(self, new: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient hook's return value, given the new running gradient ``new``."""
+        return new.to(self.target.dtype)
+
+
+@dataclass
+class ShardedSlot(GradSlot):
+    """A parameter sharded by FSDP2. ``fsdp_param`` and ``group`` are torch's ``FSDPParam`` and
+    ``FSDPParamGroup`` (private FSDP2 objects, read here and nowhere else)."""
+
+    fsdp_param: Any = None
+    group: Any = None
+
+    @property
+    def unsharded(self) -> nn.Parameter | None:
+        return getattr(self.fsdp_param, "_unsharded_param", None)
+
+    @property
+    def target(self) -> torch.Tensor:
+        unsharded = self.unsharded
+        if unsharded is None:  # pragma: no cover - hooks are only placed on existing ones
+            raise RuntimeError("FSDP2 has not unsharded this parameter yet")
+        return unsharded
+
+    @property
+    def world(self) -> int:
+        """Ranks FSDP2 averages this parameter's gradient over (shard × replicate)."""
+        return int(self.fsdp_param.mesh_info.mesh.size())
+
+    @property
+    def synced(self) -> bool:
+        """Whether FSDP2 reduce-scatters after this backward."""
+        return bool(self.group.reduce_grads)
+
+    def check_reduction(self, name: str) -> None:
+        factor = self.group.gradient_divide_factor
+        if factor is not None and float(factor) != float(self.world):
+            raise ValueError(
+                f"parameter '{name}': FSDP2 divides gradients by {factor} "
+                f"(set_gradient_divide_factor) but the data-parallel world is {self.world}; "
+                "PROMA's distributed rule needs the average (the default divide factor)"
+            )
+
+    def _local(self) -> list[tuple[Any, str]]:
+        return [(self.fsdp_param, "unsharded_accumulated_grad"), (self.unsharded, "grad")]
+
+    def has_grad(self) -> bool:
+        local = any(getattr(o, a, None) is not None for o, a in self._local() if o is not None)
+        return local or self.param.grad is not None
+
+    def take(self, gather: bool) -> tuple[torch.Tensor | None, bool, Taken]:
+        """As :meth:`GradSlot.take`. With ``gather``, a sharded running gradient is all-gathered
+        (a collective: every rank must call this for the same parameters in the same order)
+        and emptied; without, it stays where it is (FSDP2 adds the next reduce-scatter to it in
+        place) and a copy of its shard is kept for ``restore``."""
+        taken = Taken()
+        acc = None
+        local = False
+        for obj, attr in self._local():
+            value = getattr(obj, attr)
+            if value is not None:
+                taken.places.append((obj, attr, value))
+                setattr(obj, attr, None)
+                acc = value if acc is None else acc + value
+                local = True
+        sharded = self.param.grad
+        if sharded is not None:
+            if gather:
+                taken.places.append((self.param, "grad", sharded))
+                self.param.grad = None
+                full = sharded.full_tensor()
+                acc = full if acc is None else acc.to(full.dtype) + full
+            else:
+                taken.places.append((self.param, "grad", sharded.detach().clone()))
+        return acc, local, taken
+
+    def give(self, new: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """As :meth:`GradSlot.give`; under a mixed-precision policy whose reduce dtype differs
+        from the compute dtype, the running gradient is kept where FSDP2 keeps it, in the
+        reduce dtype, and autograd gets zeros to add (casting it down would lose precision)."""
+        reduce_dtype = self.fsdp_param.reduce_dtype
+        if reduce_dtype is None or reduce_dtype == self.target.dtype:
+            return new.to(self.target.dtype)
+        self.fsdp_param.unsharded_accumulated_grad = new.to(reduce_dtype)
+        return torch.zeros_like(grad)
+
+
+def sharded_slots(model: nn.Module) -> dict[nn.Module, list[ShardedSlot]]:
+    """``{FSDP2 module: slots of the parameters it unshards}`` inside ``model``.
+
+    Each FSDP2 module unshards its parameters in a forward pre-hook; the unsharded copies exist
+    from the first forward on and are reused for the rest of training.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return {}
+    slots: dict[nn.Module, list[ShardedSlot]] = {}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        try:
+            groups = module._get_fsdp_state()._fsdp_param_groups
+            slots[module] = [
+                ShardedSlot(fsdp_param.sharded_param, fsdp_param, group)
+                for group in groups
+                for fsdp_param in group.fsdp_params
+            ]
+        except AttributeError as error:  # pragma: no cover - depends on torch internals
+            raise NotImplementedError(
+                f"this torch version's FSDP2 internals are not the ones proma_accum supports "
+                f"(torch {torch.__version__}): {error}"
+            ) from error
+    return slots
+
+
+def refuse_fsdp1(model: nn.Module) -> None:
+    """FSDP1 (``FullyShardedDataParallel``) flattens parameters: no layer sees its own."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise NotImplementedError(
+            "model contains FullyShardedDataParallel (FSDP1) modules, whose flat parameters "
+            "hide the layers' own parameters from per-sequence hooks: shard with FSDP2 "
+            "(torch.distributed.fsdp.fully_shard) or use DDP (see the README's 'Distributed "
+            "training')"
+        )
