@@ -215,6 +215,7 @@ def test_fsdp2_mixed_precision_keeps_the_reduce_dtype_gradient(results, scenario
     want = simulate_local(WORLD) if scenario.endswith("local") else None
     if want is None:
         want = simulate_synced(WORLD, multiplier=float(WORLD))
+    assert_close(grads[1], grads[0])
     assert_close(grads[0], want)
     assert all(results[r][scenario]["updates"] > 0 for r in range(WORLD))
 
