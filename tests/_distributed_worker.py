@@ -130,7 +130,7 @@ def run_fsdp2(
     return out
 
 
-def run_qwen3_fsdp2_solo(mesh) -> dict:
+def run_qwen3_fsdp2_solo(mesh, checkpointing: bool = False) -> dict:
     """A tiny tied-embedding Qwen3 with FSDP2 on every decoder layer and the root, over one
     rank, against the same model without FSDP2: per-tensor relative gradient errors."""
     from torch.distributed.fsdp import fully_shard
@@ -152,6 +152,9 @@ def run_qwen3_fsdp2_solo(mesh) -> dict:
     for sharded in (False, True):
         torch.manual_seed(0)
         model = Qwen3ForCausalLM(cfg)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            model.train()
         if sharded:
             for layer in model.model.layers:
                 fully_shard(layer, mesh=mesh)
@@ -253,7 +256,9 @@ def main(rank: int, world: int, port: int, queue) -> None:
         out["fsdp2_solo"] = run_fsdp2(
             rank, sync_every=True, mesh=DeviceMesh.from_group(solo[rank], "cpu")
         )
-        out["qwen3_fsdp2_solo"] = run_qwen3_fsdp2_solo(DeviceMesh.from_group(solo[rank], "cpu"))
+        solo_mesh = DeviceMesh.from_group(solo[rank], "cpu")
+        out["qwen3_fsdp2_solo"] = run_qwen3_fsdp2_solo(solo_mesh)
+        out["qwen3_fsdp2_solo_ckpt"] = run_qwen3_fsdp2_solo(solo_mesh, checkpointing=True)
         out["tensor_parallel"] = run_tensor_parallel(rank, world)
         out["fsdp2_divide_factor"] = run_fsdp2_divide_factor(rank)
         out["fsdp1"] = run_fsdp1(rank)

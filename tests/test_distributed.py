@@ -251,9 +251,11 @@ def test_fsdp2_custom_divide_factor_is_refused(results):
         assert message is not None and "set_gradient_divide_factor" in message, message
 
 
-def test_fsdp2_hf_model_matches_unsharded_proma(results):
-    """Tiny tied-embedding Qwen3, FSDP2 on each decoder layer and the root (one rank)."""
-    res = results[0]["qwen3_fsdp2_solo"]
+@pytest.mark.parametrize("scenario", ["qwen3_fsdp2_solo", "qwen3_fsdp2_solo_ckpt"])
+def test_fsdp2_hf_model_matches_unsharded_proma(results, scenario):
+    """Tiny tied-embedding Qwen3, FSDP2 on each decoder layer and the root (one rank), without
+    and with gradient checkpointing."""
+    res = results[0][scenario]
     assert res["updates"] > 0
     assert len(res["errors"]) > 10 and max(res["errors"].values()) < 1e-5, res["errors"]
 
