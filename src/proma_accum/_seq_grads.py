@@ -21,15 +21,11 @@ from torch import nn
 
 from ._kernels import Kernel
 from ._layout import TokenSegments
-from ._proma import normalized_gram
+from ._proma import normalized_gram, sq_norm
 
 _GRAM_BLOCK_BYTES = 8 * 2**20
 _FP32_MAX_CANCELLATION = 64.0
 _FP32_GRAM_MAX_CONDITION = 100.0
-
-
-def _sq_norm(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dtype=torch.float64) ** 2
 
 
 def _weighted_sum(w: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor:
@@ -198,8 +194,8 @@ class TensorSequenceGradients:
                 block = flat[:, a : a + cols]
                 if check:
                     g_block = g_rows[a : a + cols].to(block.dtype)
-                    mismatch += _sq_norm(block.sum(0) - g_block)
-                    covered += _sq_norm(g_block)
+                    mismatch += sq_norm(block.sum(0) - g_block)
+                    covered += sq_norm(g_block)
                 seqs = block[:k].double() if precise else block[:k]
                 gram += (seqs @ seqs.T).double()
                 if acc_rows is not None:
@@ -213,9 +209,16 @@ class TensorSequenceGradients:
         return gram, inner
 
     def _check(self, mismatch: torch.Tensor, covered: torch.Tensor) -> None:
-        total = torch.linalg.vector_norm(self.autograd_grad, dtype=torch.float64) ** 2
-        # Rows no sequence touched must have no gradient either.
-        mismatch = mismatch + (total - covered).clamp(min=0)
+        total = covered
+        if self.rows is not None:
+            # Rows no sequence touched must have no gradient either (their norm is taken
+            # directly: a difference of two large norms would cancel).
+            grad = self.autograd_grad
+            untouched = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+            untouched[self.rows] = False
+            outside = sq_norm(grad[untouched])
+            mismatch = mismatch + outside
+            total = total + outside
         rtol = self.check_rtol or 0.0
         if bool(mismatch.sqrt() > rtol * total.sqrt() + 1e-30):
             layers = sorted({type(u.module).__name__ for u in self.uses})
