@@ -42,6 +42,10 @@ class SequenceGradients(Protocol):
         """``Σ_i weights[i] g_i``, shaped like the tensor. ``weights: (k,)``."""
         ...
 
+    # Optional: ``plus_combination(acc, mcb_grad, weights)``, a new tensor
+    # ``acc + mcb_grad + Σ_i weights[i] g_i`` (``mcb_grad`` None: left out) formed in one pass;
+    # without it ``accumulate_proma`` adds ``combine(weights)`` to the other two.
+
 
 # Squared norms are summed in float64 over float32 norms of rows of this many elements: as
 # accurate as a float64 reduction in practice, without a float64 copy of the tensor.
@@ -185,7 +189,15 @@ def accumulate_proma(
         scale = torch.where(proj_norm > bound, bound / proj_norm.clamp(min=1e-300), scale)
     removed = world * strength * scale * coeffs
     # complemented_acc_grad + mcb_policy_grad, with both combinations done in one pass.
-    delta = _plus_combination(mcb_grad, seq_grads, mcb_weights - removed, advantages is None)
+    mcb = mcb_grad if advantages is None else None
+    plus_combination = getattr(seq_grads, "plus_combination", None)
+    if plus_combination is not None:
+        new = plus_combination(acc, mcb, mcb_weights - removed)
+    else:
+        combination = seq_grads.combine(mcb_weights - removed)
+        new = acc.to(combination.dtype) + (
+            combination if mcb is None else mcb.to(combination.dtype) + combination
+        )
     info = UpdateInfo(
         num_sequences=seq_grads.num_sequences,
         rank=numerical_rank(gram),
@@ -194,17 +206,4 @@ def accumulate_proma(
         clamp_bound=scale < 1,
         mcb_norm=mcb_norm,
     )
-    return acc.to(delta.dtype) + delta, info
-
-
-def _plus_combination(
-    mcb_grad: torch.Tensor | None,
-    seq_grads: SequenceGradients,
-    weights: torch.Tensor,
-    loss_mode: bool,
-) -> torch.Tensor:
-    """``mcb_grad + Σ_i weights[i] g_i`` (loss mode) or ``Σ_i weights[i] g_i``."""
-    combination = seq_grads.combine(weights)
-    if not loss_mode or mcb_grad is None:
-        return combination
-    return mcb_grad.to(combination.dtype) + combination
+    return new, info

@@ -44,6 +44,18 @@ def _weighted_sum(w: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor
     return out.view(s.shape[1:])
 
 
+def _add_weighted_sum(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exact: bool) -> None:
+    """``out += Σ_i w_i s_i`` in place, for a contiguous ``out`` shaped like ``s[0]``."""
+    flat = s.reshape(s.shape[0], -1)
+    target = out.view(-1)
+    if not exact:
+        target.addmv_(flat.T, w.to(s.dtype))
+        return
+    cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(s.shape[0], 1)))
+    for a in range(0, flat.shape[1], cols):
+        target[a : a + cols] += (w @ flat[:, a : a + cols].double()).to(s.dtype)
+
+
 class IncompleteSequenceDataError(RuntimeError):
     """A covered tensor's gradient is not the sum of the per-sequence parts its layers saw."""
 
@@ -238,19 +250,42 @@ class TensorSequenceGradients:
         bounds the float32 error by ``κ · eps32`` relative; above ``_FP32_MAX_CANCELLATION`` the
         sum is accumulated in float64 (nearly dependent sequence gradients, large coefficients).
         """
+        out = torch.empty(self.param.shape, dtype=self.dtype, device=self.param.device)
+        if self.rows is not None or len(self.chunks) > 1:
+            out.zero_()
+        return self._combine_into(out, weights, add=False)
+
+    def plus_combination(
+        self, acc: torch.Tensor, mcb_grad: torch.Tensor | None, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """A new tensor ``acc + mcb_grad + Σ_i w_i g_i`` (``mcb_grad`` None: left out).
+
+        The combination is added into ``acc + mcb_grad`` in the same pass that reads the
+        sequence gradients (no temporary of the tensor's size), with the precision of
+        :meth:`combine`.
+        """
+        if mcb_grad is None:
+            base = acc.to(self.dtype, copy=True)
+        else:
+            base = acc.to(self.dtype) + mcb_grad.to(self.dtype)
+        return self._combine_into(base, weights, add=True)
+
+    def _combine_into(self, out: torch.Tensor, weights: torch.Tensor, add: bool) -> torch.Tensor:
         k = self.num_sequences
         w = weights.to(torch.float64)
         gram = self._gram
         spread = (w.abs() * gram.diagonal().clamp(min=0).sqrt()).sum()
         norm = (w @ gram @ w).clamp(min=0).sqrt()
         exact = bool(spread > _FP32_MAX_CANCELLATION * norm)
-        out = torch.empty(self.param.shape, dtype=self.dtype, device=self.param.device)
-        if self.rows is not None or len(self.chunks) > 1:
-            out.zero_()
         for rows in self.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
             self._kept = None
-            out[rows] = _weighted_sum(w, s[:k], exact)
+            if not add:
+                out[rows] = _weighted_sum(w, s[:k], exact)
+            elif isinstance(rows, slice):
+                _add_weighted_sum(out[rows], w, s[:k], exact)  # a view: rows of dim 0
+            else:
+                out.index_add_(0, rows, _weighted_sum(w, s[:k], exact))
             self._release(s)
         return out
 
