@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._layout import TokenSegments
+from .._memory import new_empty
 from . import register
 from ._base import Kernel, Rows, tokens
 
@@ -48,7 +49,8 @@ class EmbeddingKernel(Kernel):
         dtype: torch.dtype,
     ) -> torch.Tensor:
         n_rows = _row_index(rows, module, x.device).numel()
-        total = grad_out.new_zeros(seg.num_sequences + 1, n_rows, grad_out.shape[-1], dtype=dtype)
+        total = new_empty(grad_out, seg.num_sequences + 1, n_rows, grad_out.shape[-1], dtype=dtype)
+        total.zero_()
         self.add_seq_grads(total, module, role, x, grad_out, seg, rows)
         return total
 
