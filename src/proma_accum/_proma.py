@@ -94,8 +94,17 @@ def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Te
     above ``RANK_RTOL · λ_max``, ``r̂_i = ⟨u_i, acc⟩`` and ``c_i = α_i / ‖g_i‖``. Duplicate,
     linearly dependent and zero sequence gradients are fine.
     """
-    unit_gram, norms, nonzero = normalized_gram(gram)
-    eigval, eigvec = torch.linalg.eigh(unit_gram)
+    normalized = normalized_gram(gram)
+    return _coefficients_exact(normalized, torch.linalg.eigh(normalized[0]), inner)
+
+
+def _coefficients_exact(
+    normalized: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    eigh: tuple[torch.Tensor, torch.Tensor],
+    inner: torch.Tensor,
+) -> torch.Tensor:
+    _, norms, nonzero = normalized
+    eigval, eigvec = eigh
     keep = eigval > RANK_RTOL * eigval.max().clamp(min=0)
     inv = torch.where(keep, 1.0 / torch.where(keep, eigval, 1.0), 0.0)
     unit_inner = torch.where(nonzero, inner / norms, 0.0)
@@ -111,9 +120,16 @@ def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tens
     ``r̂_i = ⟨u_i, acc⟩``): ``(I + L) α = r̂`` with ``L`` the strictly lower part of ``Ĝ``.
     Zero sequence gradients are skipped (the note's code would divide by zero).
     """
-    unit_gram, safe, nonzero = normalized_gram(gram)
+    return _coefficients_gs2(normalized_gram(gram), inner)
+
+
+def _coefficients_gs2(
+    normalized: tuple[torch.Tensor, torch.Tensor, torch.Tensor], inner: torch.Tensor
+) -> torch.Tensor:
+    unit_gram, safe, nonzero = normalized
     unit_inner = torch.where(nonzero, inner / safe, 0.0)
-    sweep = torch.eye(len(inner), dtype=gram.dtype, device=gram.device) + unit_gram.tril(-1)
+    sweep = torch.eye(len(inner), dtype=unit_gram.dtype, device=unit_gram.device)
+    sweep = sweep + unit_gram.tril(-1)
     alpha = torch.zeros_like(unit_inner)
     for _ in range(2):
         residual = unit_inner - unit_gram @ alpha
@@ -138,7 +154,10 @@ class UpdateInfo:
 
 def numerical_rank(gram: torch.Tensor) -> torch.Tensor:
     """Dimension of ``span(g)``: eigenvalues of ``Ĝ`` above ``RANK_RTOL · λ_max``."""
-    eigval = torch.linalg.eigvalsh(normalized_gram(gram)[0])
+    return _rank(torch.linalg.eigvalsh(normalized_gram(gram)[0]))
+
+
+def _rank(eigval: torch.Tensor) -> torch.Tensor:
     return (eigval > RANK_RTOL * eigval.max().clamp(min=0)).sum()
 
 
@@ -181,7 +200,18 @@ def accumulate_proma(
             return mcb_grad, None
         return seq_grads.combine(advantages), None
 
-    coeffs = SPAN_COEFFICIENTS[projection](gram, inner)  # proj_on_span = Σ_i c_i g_i
+    # proj_on_span = Σ_i c_i g_i; one eigendecomposition of Ĝ serves the rank too.
+    normalized = normalized_gram(gram)
+    if projection == "exact":
+        eigh = torch.linalg.eigh(normalized[0])
+        coeffs = _coefficients_exact(normalized, eigh, inner)
+        rank = _rank(eigh[0])
+    elif projection == "gs2":
+        coeffs = _coefficients_gs2(normalized, inner)
+        rank = _rank(torch.linalg.eigvalsh(normalized[0]))
+    else:
+        coeffs = SPAN_COEFFICIENTS[projection](gram, inner)
+        rank = numerical_rank(gram)
     proj_norm = (coeffs @ gram @ coeffs).clamp(min=0).sqrt()
     scale = torch.ones_like(proj_norm)
     if clamp is not None:
@@ -200,7 +230,7 @@ def accumulate_proma(
         )
     info = UpdateInfo(
         num_sequences=seq_grads.num_sequences,
-        rank=numerical_rank(gram),
+        rank=rank,
         acc_norm=sq_norm(acc).sqrt(),
         removed_norm=world * strength * scale * proj_norm,
         clamp_bound=scale < 1,
