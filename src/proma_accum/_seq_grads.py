@@ -56,6 +56,17 @@ def _add_weighted_sum(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exact
         target[a : a + cols] += (w @ flat[:, a : a + cols].double()).to(s.dtype)
 
 
+def _sum_parts(
+    parts: list[torch.Tensor], shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """The float64 sum of partial results of this shape (zero when there are none)."""
+    if not parts:
+        return torch.zeros(shape, dtype=torch.float64, device=device)
+    if len(parts) == 1:
+        return parts[0].double()
+    return torch.stack(parts).double().sum(0)
+
+
 class IncompleteSequenceDataError(RuntimeError):
     """A covered tensor's gradient is not the sum of the per-sequence parts its layers saw."""
 
@@ -176,7 +187,9 @@ class TensorSequenceGradients:
         """
         gram, inner = self._pass(acc, precise=False, check=self.check_rtol is not None)
         unit_gram, _, nonzero = normalized_gram(gram)
-        eigval = torch.linalg.eigvalsh(unit_gram[nonzero][:, nonzero])
+        if not bool(nonzero.all()):
+            unit_gram = unit_gram[nonzero][:, nonzero]
+        eigval = torch.linalg.eigvalsh(unit_gram)
         if eigval.numel() and bool(eigval[0] * _FP32_GRAM_MAX_CONDITION < eigval[-1]):
             gram, inner = self._pass(acc, precise=True, check=False)
         self._gram = gram
@@ -186,11 +199,11 @@ class TensorSequenceGradients:
         self, acc: torch.Tensor | None, precise: bool, check: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.num_sequences
-        device = self.param.device
-        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-        inner = torch.zeros(k, dtype=torch.float64, device=device)
-        mismatch = torch.zeros((), dtype=torch.float64, device=device)
-        covered = torch.zeros((), dtype=torch.float64, device=device)
+        # Partial results of the blocks, summed in float64 at the end.
+        grams: list[torch.Tensor] = []
+        inners: list[torch.Tensor] = []
+        mismatches: list[torch.Tensor] = []
+        covered: list[torch.Tensor] = []
         grad = self.autograd_grad
         for rows in self.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
@@ -206,19 +219,20 @@ class TensorSequenceGradients:
                 block = flat[:, a : a + cols]
                 if check:
                     g_block = g_rows[a : a + cols].to(block.dtype)
-                    mismatch += sq_norm(block.sum(0) - g_block)
-                    covered += sq_norm(g_block)
+                    mismatches.append(sq_norm(block.sum(0) - g_block))
+                    covered.append(sq_norm(g_block))
                 seqs = block[:k].double() if precise else block[:k]
-                gram += (seqs @ seqs.T).double()
+                grams.append(seqs @ seqs.T)
                 if acc_rows is not None:
-                    inner += (seqs @ acc_rows[a : a + cols].to(seqs.dtype)).double()
+                    inners.append(seqs @ acc_rows[a : a + cols].to(seqs.dtype))
             if len(self.chunks) == 1:
                 self._kept = s
             else:
                 self._release(s)
+        device = self.param.device
         if check:
-            self._check(mismatch, covered)
-        return gram, inner
+            self._check(_sum_parts(mismatches, (), device), _sum_parts(covered, (), device))
+        return _sum_parts(grams, (k, k), device), _sum_parts(inners, (k,), device)
 
     def _check(self, mismatch: torch.Tensor, covered: torch.Tensor) -> None:
         total = covered
