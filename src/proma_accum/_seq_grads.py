@@ -219,7 +219,9 @@ class TensorSequenceGradients:
                 block = flat[:, a : a + cols]
                 if check:
                     g_block = g_rows[a : a + cols].to(block.dtype)
-                    mismatches.append(sq_norm(block.sum(0) - g_block))
+                    residual = block.sum(0)
+                    residual -= g_block  # in place: one temporary per block, not two
+                    mismatches.append(sq_norm(residual))
                     covered.append(sq_norm(g_block))
                 seqs = block[:k].double() if precise else block[:k]
                 grams.append(seqs @ seqs.T)
