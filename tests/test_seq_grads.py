@@ -9,7 +9,9 @@ from torch import nn
 from proma_accum._kernels.embedding import EmbeddingKernel
 from proma_accum._kernels.linear import LinearKernel
 from proma_accum._layout import SequenceLayout
+from proma_accum._proma import accumulate_proma
 from proma_accum._seq_grads import ByteMeter, TensorSequenceGradients, Use
+from proma_accum.testing import accumulate_proma_reference
 
 
 def _linear_seq_grads(s, grad, chunk_bytes=2**30, check_rtol=1e-3):
@@ -68,3 +70,31 @@ def test_plus_combination_on_touched_rows_of_an_embedding():
         per_seq[i].index_add_(0, ids[i], grad_out[i])
     expected = acc + grad + 0.5 * per_seq[0] - 2.0 * per_seq[1]
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("projection", ["exact", "gs2"])
+@pytest.mark.parametrize("case", ["independent", "zero", "nearly_dependent"])
+def test_one_eigendecomposition_per_update_and_reference_result(projection, case, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    k = 5
+    s = torch.randn(k + 1, 6, 7, generator=g)
+    if case == "zero":
+        s[2] = 0.0
+    elif case == "nearly_dependent":  # the float64 pass: its Gram is decomposed afresh
+        s[1] = s[0] + 1e-3 * s[1]
+    grad = s.sum(0)
+    acc = 3.0 * torch.randn(6, 7, generator=g)
+    calls = []
+    for name in ("eigh", "eigvalsh"):
+        original = getattr(torch.linalg, name)
+        monkeypatch.setattr(
+            torch.linalg, name, lambda m, _f=original, _n=name: calls.append(_n) or _f(m)
+        )
+    new, info = accumulate_proma(
+        acc, grad, _linear_seq_grads(s, grad), projection=projection, clamp=None, strength=1.0
+    )
+    expected_calls = {"independent": 1, "zero": 2, "nearly_dependent": 2}[case]
+    assert len(calls) == expected_calls, calls
+    expected = accumulate_proma_reference(acc, grad, s[:k], projection=projection, clamp=None)
+    torch.testing.assert_close(new.double(), expected, rtol=1e-5, atol=1e-5)
+    assert int(info.rank) == (k - 1 if case == "zero" else k)

@@ -42,14 +42,18 @@ class SequenceGradients(Protocol):
         """``Σ_i weights[i] g_i``, shaped like the tensor. ``weights: (k,)``."""
         ...
 
+    # Optional: ``spectrum``, None or ``(normalized_gram(G), torch.linalg.eigh(Ĝ) or None)`` of
+    # the ``G`` that ``gram_and_inner`` returned, when it computed them anyway.
     # Optional: ``plus_combination(acc, mcb_grad, weights)``, a new tensor
     # ``acc + mcb_grad + Σ_i weights[i] g_i`` (``mcb_grad`` None: left out) formed in one pass;
     # without it ``accumulate_proma`` adds ``combine(weights)`` to the other two.
 
 
 # Squared norms are summed in float64 over float32 norms of rows of this many elements: as
-# accurate as a float64 reduction in practice, without a float64 copy of the tensor.
+# accurate as a float64 reduction in practice, without a float64 copy of the tensor. Up to
+# _NORM_SMALL elements the float64 copy is cheaper than the extra ops.
 _NORM_ROW = 256
+_NORM_SMALL = 4096
 
 
 def sq_norm(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +65,7 @@ def sq_norm(x: torch.Tensor) -> torch.Tensor:
     """
     flat = x.reshape(-1)
     head = flat.numel() - flat.numel() % _NORM_ROW
-    if head == 0 or x.dtype == torch.float64:
+    if flat.numel() <= _NORM_SMALL or x.dtype == torch.float64:
         return torch.linalg.vector_norm(flat, dtype=torch.float64) ** 2
     dtype = torch.promote_types(x.dtype, torch.float32)
     rows = torch.linalg.vector_norm(flat[:head].view(-1, _NORM_ROW), dim=1, dtype=dtype)
@@ -191,7 +195,7 @@ def accumulate_proma(
     gram, inner = seq_grads.gram_and_inner(acc)  # G_ij = ⟨g_i, g_j⟩, r_i = ⟨g_i, acc⟩
     if advantages is None:
         mcb_norm = sq_norm(mcb_grad).sqrt()
-        mcb_weights = torch.zeros_like(inner)
+        mcb_weights = None
     else:
         mcb_norm = (advantages @ gram @ advantages).clamp(min=0).sqrt()
         mcb_weights = advantages
@@ -200,15 +204,16 @@ def accumulate_proma(
             return mcb_grad, None
         return seq_grads.combine(advantages), None
 
-    # proj_on_span = Σ_i c_i g_i; one eigendecomposition of Ĝ serves the rank too.
-    normalized = normalized_gram(gram)
+    # proj_on_span = Σ_i c_i g_i; one eigendecomposition of Ĝ serves the rank too (and the
+    # sequence gradients may have computed both already).
+    normalized, eigh = getattr(seq_grads, "spectrum", None) or (normalized_gram(gram), None)
     if projection == "exact":
-        eigh = torch.linalg.eigh(normalized[0])
+        eigh = eigh or torch.linalg.eigh(normalized[0])
         coeffs = _coefficients_exact(normalized, eigh, inner)
         rank = _rank(eigh[0])
     elif projection == "gs2":
         coeffs = _coefficients_gs2(normalized, inner)
-        rank = _rank(torch.linalg.eigvalsh(normalized[0]))
+        rank = _rank(eigh[0] if eigh else torch.linalg.eigvalsh(normalized[0]))
     else:
         coeffs = SPAN_COEFFICIENTS[projection](gram, inner)
         rank = numerical_rank(gram)
@@ -218,13 +223,14 @@ def accumulate_proma(
         bound = clamp * mcb_norm / world
         scale = torch.where(proj_norm > bound, bound / proj_norm.clamp(min=1e-300), scale)
     removed = world * strength * scale * coeffs
+    weights = -removed if mcb_weights is None else mcb_weights - removed
     # complemented_acc_grad + mcb_policy_grad, with both combinations done in one pass.
     mcb = mcb_grad if advantages is None else None
     plus_combination = getattr(seq_grads, "plus_combination", None)
     if plus_combination is not None:
-        new = plus_combination(acc, mcb, mcb_weights - removed)
+        new = plus_combination(acc, mcb, weights)
     else:
-        combination = seq_grads.combine(mcb_weights - removed)
+        combination = seq_grads.combine(weights)
         new = acc.to(combination.dtype) + (
             combination if mcb is None else mcb.to(combination.dtype) + combination
         )

@@ -138,6 +138,11 @@ class TensorSequenceGradients:
         starts = range(0, n_rows, per_chunk)
         self.chunks = [self._chunk(a, min(a + per_chunk, n_rows)) for a in starts]
         self._kept: torch.Tensor | None = None
+        # normalized_gram(G) and torch.linalg.eigh(Ĝ) (None when some g_i is zero) of the G
+        # that gram_and_inner returned, for the projection to reuse.
+        self.spectrum: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None] | None = (
+            None
+        )
         self._gram = torch.zeros(
             num_sequences, num_sequences, dtype=torch.float64, device=param.device
         )
@@ -186,12 +191,18 @@ class TensorSequenceGradients:
         ``‖Σ_i S_i − g‖`` (padding row included) against autograd's gradient ``g``.
         """
         gram, inner = self._pass(acc, precise=False, check=self.check_rtol is not None)
-        unit_gram, _, nonzero = normalized_gram(gram)
-        if not bool(nonzero.all()):
-            unit_gram = unit_gram[nonzero][:, nonzero]
-        eigval = torch.linalg.eigvalsh(unit_gram)
+        normalized = normalized_gram(gram)
+        unit_gram, _, nonzero = normalized
+        eigh = None
+        if bool(nonzero.all()):
+            eigh = torch.linalg.eigh(unit_gram)  # the projection needs it too
+            eigval = eigh[0]
+        else:
+            eigval = torch.linalg.eigvalsh(unit_gram[nonzero][:, nonzero])
+        self.spectrum = (normalized, eigh)
         if eigval.numel() and bool(eigval[0] * _FP32_GRAM_MAX_CONDITION < eigval[-1]):
             gram, inner = self._pass(acc, precise=True, check=False)
+            self.spectrum = None
         self._gram = gram
         return gram, inner
 
