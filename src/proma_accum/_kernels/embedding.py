@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from .._layout import TokenSegments
-from .._memory import new_empty
 from . import register
 from ._base import Kernel, Rows, tokens
 
@@ -49,8 +48,7 @@ class EmbeddingKernel(Kernel):
         dtype: torch.dtype,
     ) -> torch.Tensor:
         n_rows = _row_index(rows, module, x.device).numel()
-        total = new_empty(grad_out, seg.num_sequences + 1, n_rows, grad_out.shape[-1], dtype=dtype)
-        total.zero_()
+        total = grad_out.new_zeros(seg.num_sequences + 1, n_rows, grad_out.shape[-1], dtype=dtype)
         self.add_seq_grads(total, module, role, x, grad_out, seg, rows)
         return total
 
