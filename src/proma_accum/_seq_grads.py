@@ -21,6 +21,7 @@ from torch import nn
 
 from ._kernels import Kernel
 from ._layout import TokenSegments
+from ._memory import BufferPool
 from ._proma import normalized_gram, sq_norm
 
 _GRAM_BLOCK_BYTES = 8 * 2**20
@@ -113,6 +114,7 @@ class TensorSequenceGradients:
         chunk_bytes: int,
         meter: ByteMeter,
         check_rtol: float | None,
+        pool: BufferPool | None = None,
     ) -> None:
         self.name = name
         self.param = param
@@ -121,6 +123,7 @@ class TensorSequenceGradients:
         self.autograd_grad = autograd_grad
         self.meter = meter
         self.check_rtol = check_rtol
+        self.pool = pool
         self.dtype = torch.promote_types(param.dtype, torch.float32)
         touched = [
             None if u.precomputed is not None else u.kernel.touched_rows(u.module, u.role, u.x)
@@ -324,4 +327,6 @@ class TensorSequenceGradients:
         for u in self.uses:
             if u.precomputed is not None:
                 self.meter.add(-u.precomputed.numel() * u.precomputed.element_size())
+                if self.pool is not None:  # formed by the fused backward, used by us alone
+                    self.pool.give(u.precomputed)
                 u.precomputed = None
