@@ -194,6 +194,23 @@ def test_fused_head_is_detected_not_silently_accumulated(gen):
             toy_sequence_losses(model, mbs[1]).sum().backward()
 
 
+def test_gradient_on_rows_no_sequence_touched_is_detected(gen):
+    """An embedding's gradient outside the rows of the microbatch's ids is not per-sequence."""
+    torch.manual_seed(0)
+    model = ToyLM(vocab=40)
+    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=20)  # ids 20..39 never occur
+    with ProjectedAccumulator(model) as acc:
+        with acc.microbatch(mbs[0]["seq_ids"]):
+            toy_sequence_losses(model, mbs[0]).sum().backward()
+        with pytest.raises(RuntimeError, match="penalty term"):
+            with acc.microbatch(mbs[1]["seq_ids"]):
+                loss = toy_sequence_losses(model, mbs[1]).sum()
+                (loss + model.embed.weight[30:].square().sum()).backward()
+        with acc.microbatch(mbs[1]["seq_ids"]):  # a zero penalty there is fine
+            loss = toy_sequence_losses(model, mbs[1]).sum()
+            (loss + 0 * model.embed.weight[30:].sum()).backward()
+
+
 def test_fused_head_error_untied(gen):
     torch.manual_seed(0)
     model = ToyLM(tied=False)

@@ -7,7 +7,12 @@ from conftest import ToyLM, row_microbatches, run_accumulator, toy_sequence_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proma_accum._proma import accumulate_proma, span_coefficients_exact, span_coefficients_gs2
+from proma_accum._proma import (
+    accumulate_proma,
+    span_coefficients_exact,
+    span_coefficients_gs2,
+    sq_norm,
+)
 from proma_accum.testing import (
     accumulate_proma_reference,
     project_to_complement_v1,
@@ -184,3 +189,18 @@ def test_exact_projection_does_not_depend_on_lengths(data, scale):
     complement = acc - span_coefficients_exact(s @ s.T, s @ acc) @ s
     complement_scaled = acc - span_coefficients_exact(scaled @ scaled.T, scaled @ acc) @ scaled
     torch.testing.assert_close(complement_scaled, complement, rtol=1e-7, atol=1e-9)
+
+
+@FAST
+@given(
+    st.integers(0, 3000),
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    st.integers(0, 2**31 - 1),
+)
+def test_sq_norm_matches_a_float64_reduction(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=g) * 10.0 ** torch.randint(-3, 4, (1,), generator=g)).to(dtype)
+    expected = x.double().square().sum()
+    got = sq_norm(x.view(-1, 3) if n % 3 == 0 and n else x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0.0)

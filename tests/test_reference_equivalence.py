@@ -173,3 +173,17 @@ def test_duplicate_and_zero_gradient_sequences(gen):
         acc = run_accumulator(model, mbs, toy_sequence_losses, projection=projection)
         assert_grads_close(model, expected, rtol=2e-5, atol=1e-7)
         assert acc.stats()["microbatch"]["linear"]["rank"] == 2.0
+
+
+def test_embedding_microbatch_of_padding_idx_only(gen):
+    """No embedding row can get gradient: the embedding's sequence gradients have no rows."""
+    torch.manual_seed(0)
+    model = ToyLM()
+    model.embed.padding_idx = 0
+    with torch.no_grad():
+        model.embed.weight[0].zero_()
+    mbs = row_microbatches(gen, 3, rows=4, length=5, vocab=23)
+    mbs[1]["input_ids"][:] = 0
+    expected = reference_accumulate(model, mbs, toy_sequence_losses)
+    run_accumulator(model, mbs, toy_sequence_losses)
+    assert_grads_close(model, expected, rtol=2e-5, atol=1e-7)

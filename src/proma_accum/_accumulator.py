@@ -19,6 +19,7 @@ from ._grad_slots import GradSlot, ShardedSlot, Taken, refuse_fsdp1, sharded_slo
 from ._hooks import HookSet
 from ._kernels import Kernel, kernel_for
 from ._layout import SequenceLayout, ShapeMismatchError, TokenSegments
+from ._memory import BufferPool
 from ._proma import SPAN_COEFFICIENTS, Projection, accumulate_proma
 from ._seq_grads import ByteMeter, TensorSequenceGradients, Use
 from ._stats import StatsRecorder, flatten
@@ -38,6 +39,7 @@ class _Capture:
     seg: TokenSegments
     cast: torch.dtype | None
     meter: ByteMeter
+    pool: BufferPool
     grad_out: torch.Tensor | None = None
     precomputed: dict[str, torch.Tensor] | None = None
     returned: dict[str, torch.Tensor] | None = None  # the weight gradients handed to autograd
@@ -107,6 +109,13 @@ class ProjectedAccumulator:
         chunk_bytes: byte budget of one chunk of a tensor's per-sequence gradients
             (``(k + 1) × rows × row size``); larger tensors are processed chunk by chunk.
 
+    Memory: on CPU, the buffer of the largest per-sequence gradients (at least 32 MiB, e.g. a
+    tied LM head's ``(k + 1) ×`` weight) is kept from one microbatch to the next of a step,
+    since mapping it anew costs page faults on every write. It is held through the next
+    microbatch's forward, so the step's peak can rise by up to that buffer. It is freed when
+    the next step's first microbatch starts, by :meth:`zero_grad` and :meth:`step`, and by
+    :meth:`detach`.
+
     Example::
 
         acc = ProjectedAccumulator(model, projection="exact", clamp=0.5)
@@ -166,6 +175,10 @@ class ProjectedAccumulator:
         self.chunk_bytes = chunk_bytes
         self._hooks = HookSet()
         self._state: _Microbatch | None = None
+        # The largest per-sequence gradient buffers, kept from one microbatch to the next of
+        # the same step (a fresh buffer of that size is mapped anew: page faults on every
+        # write). Emptied when a step starts or ends (zero_grad, step) and on detach.
+        self._pool = BufferPool()
         # DDP that all-reduces after a microbatch averages the ranks' updates; see microbatch().
         ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self._ddp = ddp
@@ -282,6 +295,7 @@ class ProjectedAccumulator:
     def detach(self) -> None:
         """Remove every hook (safe to call twice)."""
         self._state = None
+        self._pool.clear()
         self._hooks.detach()
 
     @property
@@ -334,6 +348,7 @@ class ProjectedAccumulator:
         state = _Microbatch(layout, adv, world=world)
         stats = self._stats.checkpoint()
         if new_step:
+            self._pool.clear()
             self._stats.new_step()
         self._stats.new_microbatch()
         self._state = state
@@ -412,14 +427,14 @@ class ProjectedAccumulator:
             # The layer multiplied the autocast-dtype copy of x: use the same values.
             cast = torch.get_autocast_dtype(device_type)
         if layer.fusable and self._fits_budget(layer, state.layout.num_sequences):
-            capture = _Capture(None, seg, cast, state.meter)
+            capture = _Capture(None, seg, cast, state.meter, self._pool)
             state.captures.setdefault(module, []).append(capture)
             roles = tuple(layer.roles)
             current = layer.kernel.roles(module)  # under FSDP2: the unsharded copies
             params = [current[r] for r in roles]
             ctx_data = (output, module, layer.kernel, roles, capture)
             return SequenceGradientGEMM.apply(x, *params, ctx_data)
-        capture = _Capture(x, seg, cast, state.meter)
+        capture = _Capture(x, seg, cast, state.meter, self._pool)
         state.captures.setdefault(module, []).append(capture)
         output.register_hook(capture.receive)
         return None
@@ -521,6 +536,7 @@ class ProjectedAccumulator:
             self.chunk_bytes,
             state.meter,
             None if verified and len(uses) == 1 else check_rtol,
+            self._pool,
         )
         try:
             new, info = accumulate_proma(
@@ -568,6 +584,7 @@ class ProjectedAccumulator:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Start a new step: the wrapped optimizer's ``zero_grad`` (or the model's)."""
+        self._pool.clear()
         if self.optimizer is None:
             self.model.zero_grad(set_to_none=set_to_none)
         else:
@@ -577,6 +594,7 @@ class ProjectedAccumulator:
 
     def step(self, closure: Any = None) -> Any:
         """The wrapped optimizer's ``step``."""
+        self._pool.clear()
         return self._require_optimizer().step(closure)
 
     @property

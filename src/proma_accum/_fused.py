@@ -44,7 +44,8 @@ class SequenceGradientGEMM(torch.autograd.Function):
         grads = []
         for role, p in zip(ctx.roles, params, strict=True):
             dtype = torch.promote_types(p.dtype, torch.float32)
-            s = kernel.seq_grads(module, role, xs, grad_out, capture.seg, slice(None), dtype)
+            with capture.pool.active():
+                s = kernel.seq_grads(module, role, xs, grad_out, capture.seg, slice(None), dtype)
             capture.meter.add(s.numel() * s.element_size())
             per_sequence[role] = s
             grads.append(s.sum(0).to(p.dtype))

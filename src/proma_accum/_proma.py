@@ -42,6 +42,38 @@ class SequenceGradients(Protocol):
         """``Σ_i weights[i] g_i``, shaped like the tensor. ``weights: (k,)``."""
         ...
 
+    # Optional: ``spectrum``, None or ``(normalized_gram(G), torch.linalg.eigh(Ĝ) or None)`` of
+    # the ``G`` that ``gram_and_inner`` returned, when it computed them anyway.
+    # Optional: ``plus_combination(acc, mcb_grad, weights)``, a new tensor
+    # ``acc + mcb_grad + Σ_i weights[i] g_i`` (``mcb_grad`` None: left out) formed in one pass;
+    # without it ``accumulate_proma`` adds ``combine(weights)`` to the other two.
+
+
+# Squared norms are summed in float64 over float32 norms of rows of this many elements: as
+# accurate as a float64 reduction in practice, without a float64 copy of the tensor. Up to
+# _NORM_SMALL elements the float64 copy is cheaper than the extra ops.
+_NORM_ROW = 256
+_NORM_SMALL = 4096
+
+
+def sq_norm(x: torch.Tensor) -> torch.Tensor:
+    """``‖x‖²`` as a 0-d float64 tensor.
+
+    Each row of ``_NORM_ROW`` elements is reduced in ``x``'s compute dtype (relative error about
+    one rounding of that dtype) and the squares are summed in float64, so no float64 copy of a
+    large ``x`` is made (that copy costs ~20x the reduction).
+    """
+    flat = x.reshape(-1)
+    head = flat.numel() - flat.numel() % _NORM_ROW
+    if flat.numel() <= _NORM_SMALL or x.dtype == torch.float64:
+        return torch.linalg.vector_norm(flat, dtype=torch.float64) ** 2
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    rows = torch.linalg.vector_norm(flat[:head].view(-1, _NORM_ROW), dim=1, dtype=dtype)
+    total = rows.double().square().sum()
+    if head < flat.numel():
+        total = total + torch.linalg.vector_norm(flat[head:], dtype=torch.float64) ** 2
+    return total
+
 
 def normalized_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(Ĝ, norms, nonzero)``: the Gram matrix of the unit vectors ``g_i / ‖g_i‖``.
@@ -66,8 +98,17 @@ def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Te
     above ``RANK_RTOL · λ_max``, ``r̂_i = ⟨u_i, acc⟩`` and ``c_i = α_i / ‖g_i‖``. Duplicate,
     linearly dependent and zero sequence gradients are fine.
     """
-    unit_gram, norms, nonzero = normalized_gram(gram)
-    eigval, eigvec = torch.linalg.eigh(unit_gram)
+    normalized = normalized_gram(gram)
+    return _coefficients_exact(normalized, torch.linalg.eigh(normalized[0]), inner)
+
+
+def _coefficients_exact(
+    normalized: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    eigh: tuple[torch.Tensor, torch.Tensor],
+    inner: torch.Tensor,
+) -> torch.Tensor:
+    _, norms, nonzero = normalized
+    eigval, eigvec = eigh
     keep = eigval > RANK_RTOL * eigval.max().clamp(min=0)
     inv = torch.where(keep, 1.0 / torch.where(keep, eigval, 1.0), 0.0)
     unit_inner = torch.where(nonzero, inner / norms, 0.0)
@@ -83,9 +124,16 @@ def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tens
     ``r̂_i = ⟨u_i, acc⟩``): ``(I + L) α = r̂`` with ``L`` the strictly lower part of ``Ĝ``.
     Zero sequence gradients are skipped (the note's code would divide by zero).
     """
-    unit_gram, safe, nonzero = normalized_gram(gram)
+    return _coefficients_gs2(normalized_gram(gram), inner)
+
+
+def _coefficients_gs2(
+    normalized: tuple[torch.Tensor, torch.Tensor, torch.Tensor], inner: torch.Tensor
+) -> torch.Tensor:
+    unit_gram, safe, nonzero = normalized
     unit_inner = torch.where(nonzero, inner / safe, 0.0)
-    sweep = torch.eye(len(inner), dtype=gram.dtype, device=gram.device) + unit_gram.tril(-1)
+    sweep = torch.eye(len(inner), dtype=unit_gram.dtype, device=unit_gram.device)
+    sweep = sweep + unit_gram.tril(-1)
     alpha = torch.zeros_like(unit_inner)
     for _ in range(2):
         residual = unit_inner - unit_gram @ alpha
@@ -110,7 +158,10 @@ class UpdateInfo:
 
 def numerical_rank(gram: torch.Tensor) -> torch.Tensor:
     """Dimension of ``span(g)``: eigenvalues of ``Ĝ`` above ``RANK_RTOL · λ_max``."""
-    eigval = torch.linalg.eigvalsh(normalized_gram(gram)[0])
+    return _rank(torch.linalg.eigvalsh(normalized_gram(gram)[0]))
+
+
+def _rank(eigval: torch.Tensor) -> torch.Tensor:
     return (eigval > RANK_RTOL * eigval.max().clamp(min=0)).sum()
 
 
@@ -143,8 +194,8 @@ def accumulate_proma(
     """
     gram, inner = seq_grads.gram_and_inner(acc)  # G_ij = ⟨g_i, g_j⟩, r_i = ⟨g_i, acc⟩
     if advantages is None:
-        mcb_norm = torch.linalg.vector_norm(mcb_grad, dtype=torch.float64)
-        mcb_weights = torch.zeros_like(inner)
+        mcb_norm = sq_norm(mcb_grad).sqrt()
+        mcb_weights = None
     else:
         mcb_norm = (advantages @ gram @ advantages).clamp(min=0).sqrt()
         mcb_weights = advantages
@@ -153,34 +204,42 @@ def accumulate_proma(
             return mcb_grad, None
         return seq_grads.combine(advantages), None
 
-    coeffs = SPAN_COEFFICIENTS[projection](gram, inner)  # proj_on_span = Σ_i c_i g_i
+    # proj_on_span = Σ_i c_i g_i; one eigendecomposition of Ĝ serves the rank too (and the
+    # sequence gradients may have computed both already).
+    normalized, eigh = getattr(seq_grads, "spectrum", None) or (normalized_gram(gram), None)
+    if projection == "exact":
+        eigh = eigh or torch.linalg.eigh(normalized[0])
+        coeffs = _coefficients_exact(normalized, eigh, inner)
+        rank = _rank(eigh[0])
+    elif projection == "gs2":
+        coeffs = _coefficients_gs2(normalized, inner)
+        rank = _rank(eigh[0] if eigh else torch.linalg.eigvalsh(normalized[0]))
+    else:
+        coeffs = SPAN_COEFFICIENTS[projection](gram, inner)
+        rank = numerical_rank(gram)
     proj_norm = (coeffs @ gram @ coeffs).clamp(min=0).sqrt()
     scale = torch.ones_like(proj_norm)
     if clamp is not None:
         bound = clamp * mcb_norm / world
         scale = torch.where(proj_norm > bound, bound / proj_norm.clamp(min=1e-300), scale)
     removed = world * strength * scale * coeffs
+    weights = -removed if mcb_weights is None else mcb_weights - removed
     # complemented_acc_grad + mcb_policy_grad, with both combinations done in one pass.
-    delta = _plus_combination(mcb_grad, seq_grads, mcb_weights - removed, advantages is None)
+    mcb = mcb_grad if advantages is None else None
+    plus_combination = getattr(seq_grads, "plus_combination", None)
+    if plus_combination is not None:
+        new = plus_combination(acc, mcb, weights)
+    else:
+        combination = seq_grads.combine(weights)
+        new = acc.to(combination.dtype) + (
+            combination if mcb is None else mcb.to(combination.dtype) + combination
+        )
     info = UpdateInfo(
         num_sequences=seq_grads.num_sequences,
-        rank=numerical_rank(gram),
-        acc_norm=torch.linalg.vector_norm(acc, dtype=torch.float64),
+        rank=rank,
+        acc_norm=sq_norm(acc).sqrt(),
         removed_norm=world * strength * scale * proj_norm,
         clamp_bound=scale < 1,
         mcb_norm=mcb_norm,
     )
-    return acc.to(delta.dtype) + delta, info
-
-
-def _plus_combination(
-    mcb_grad: torch.Tensor | None,
-    seq_grads: SequenceGradients,
-    weights: torch.Tensor,
-    loss_mode: bool,
-) -> torch.Tensor:
-    """``mcb_grad + Σ_i weights[i] g_i`` (loss mode) or ``Σ_i weights[i] g_i``."""
-    combination = seq_grads.combine(weights)
-    if not loss_mode or mcb_grad is None:
-        return combination
-    return mcb_grad.to(combination.dtype) + combination
+    return new, info

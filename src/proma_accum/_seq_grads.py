@@ -21,15 +21,12 @@ from torch import nn
 
 from ._kernels import Kernel
 from ._layout import TokenSegments
-from ._proma import normalized_gram
+from ._memory import BufferPool
+from ._proma import normalized_gram, sq_norm
 
 _GRAM_BLOCK_BYTES = 8 * 2**20
 _FP32_MAX_CANCELLATION = 64.0
 _FP32_GRAM_MAX_CONDITION = 100.0
-
-
-def _sq_norm(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dtype=torch.float64) ** 2
 
 
 def _weighted_sum(w: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor:
@@ -46,6 +43,29 @@ def _weighted_sum(w: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor
     for a in range(0, flat.shape[1], cols):
         out[a : a + cols] = (w @ flat[:, a : a + cols].double()).to(s.dtype)
     return out.view(s.shape[1:])
+
+
+def _add_weighted_sum(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exact: bool) -> None:
+    """``out += Σ_i w_i s_i`` in place, for a contiguous ``out`` shaped like ``s[0]``."""
+    flat = s.reshape(s.shape[0], -1)
+    target = out.view(-1)
+    if not exact:
+        target.addmv_(flat.T, w.to(s.dtype))
+        return
+    cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(s.shape[0], 1)))
+    for a in range(0, flat.shape[1], cols):
+        target[a : a + cols] += (w @ flat[:, a : a + cols].double()).to(s.dtype)
+
+
+def _sum_parts(
+    parts: list[torch.Tensor], shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """The float64 sum of partial results of this shape (zero when there are none)."""
+    if not parts:
+        return torch.zeros(shape, dtype=torch.float64, device=device)
+    if len(parts) == 1:
+        return parts[0].double()
+    return torch.stack(parts).double().sum(0)
 
 
 class IncompleteSequenceDataError(RuntimeError):
@@ -94,6 +114,7 @@ class TensorSequenceGradients:
         chunk_bytes: int,
         meter: ByteMeter,
         check_rtol: float | None,
+        pool: BufferPool | None = None,
     ) -> None:
         self.name = name
         self.param = param
@@ -102,6 +123,7 @@ class TensorSequenceGradients:
         self.autograd_grad = autograd_grad
         self.meter = meter
         self.check_rtol = check_rtol
+        self.pool = pool
         self.dtype = torch.promote_types(param.dtype, torch.float32)
         touched = [
             None if u.precomputed is not None else u.kernel.touched_rows(u.module, u.role, u.x)
@@ -119,6 +141,11 @@ class TensorSequenceGradients:
         starts = range(0, n_rows, per_chunk)
         self.chunks = [self._chunk(a, min(a + per_chunk, n_rows)) for a in starts]
         self._kept: torch.Tensor | None = None
+        # normalized_gram(G) and torch.linalg.eigh(Ĝ) (None when some g_i is zero) of the G
+        # that gram_and_inner returned, for the projection to reuse.
+        self.spectrum: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None] | None = (
+            None
+        )
         self._gram = torch.zeros(
             num_sequences, num_sequences, dtype=torch.float64, device=param.device
         )
@@ -167,10 +194,18 @@ class TensorSequenceGradients:
         ``‖Σ_i S_i − g‖`` (padding row included) against autograd's gradient ``g``.
         """
         gram, inner = self._pass(acc, precise=False, check=self.check_rtol is not None)
-        unit_gram, _, nonzero = normalized_gram(gram)
-        eigval = torch.linalg.eigvalsh(unit_gram[nonzero][:, nonzero])
+        normalized = normalized_gram(gram)
+        unit_gram, _, nonzero = normalized
+        eigh = None
+        if bool(nonzero.all()):
+            eigh = torch.linalg.eigh(unit_gram)  # the projection needs it too
+            eigval = eigh[0]
+        else:
+            eigval = torch.linalg.eigvalsh(unit_gram[nonzero][:, nonzero])
+        self.spectrum = (normalized, eigh)
         if eigval.numel() and bool(eigval[0] * _FP32_GRAM_MAX_CONDITION < eigval[-1]):
             gram, inner = self._pass(acc, precise=True, check=False)
+            self.spectrum = None
         self._gram = gram
         return gram, inner
 
@@ -178,11 +213,11 @@ class TensorSequenceGradients:
         self, acc: torch.Tensor | None, precise: bool, check: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.num_sequences
-        device = self.param.device
-        gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-        inner = torch.zeros(k, dtype=torch.float64, device=device)
-        mismatch = torch.zeros((), dtype=torch.float64, device=device)
-        covered = torch.zeros((), dtype=torch.float64, device=device)
+        # Partial results of the blocks, summed in float64 at the end.
+        grams: list[torch.Tensor] = []
+        inners: list[torch.Tensor] = []
+        mismatches: list[torch.Tensor] = []
+        covered: list[torch.Tensor] = []
         grad = self.autograd_grad
         for rows in self.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
@@ -198,24 +233,34 @@ class TensorSequenceGradients:
                 block = flat[:, a : a + cols]
                 if check:
                     g_block = g_rows[a : a + cols].to(block.dtype)
-                    mismatch += _sq_norm(block.sum(0) - g_block)
-                    covered += _sq_norm(g_block)
+                    residual = block.sum(0)
+                    residual -= g_block  # in place: one temporary per block, not two
+                    mismatches.append(sq_norm(residual))
+                    covered.append(sq_norm(g_block))
                 seqs = block[:k].double() if precise else block[:k]
-                gram += (seqs @ seqs.T).double()
+                grams.append(seqs @ seqs.T)
                 if acc_rows is not None:
-                    inner += (seqs @ acc_rows[a : a + cols].to(seqs.dtype)).double()
+                    inners.append(seqs @ acc_rows[a : a + cols].to(seqs.dtype))
             if len(self.chunks) == 1:
                 self._kept = s
             else:
                 self._release(s)
+        device = self.param.device
         if check:
-            self._check(mismatch, covered)
-        return gram, inner
+            self._check(_sum_parts(mismatches, (), device), _sum_parts(covered, (), device))
+        return _sum_parts(grams, (k, k), device), _sum_parts(inners, (k,), device)
 
     def _check(self, mismatch: torch.Tensor, covered: torch.Tensor) -> None:
-        total = torch.linalg.vector_norm(self.autograd_grad, dtype=torch.float64) ** 2
-        # Rows no sequence touched must have no gradient either.
-        mismatch = mismatch + (total - covered).clamp(min=0)
+        total = covered
+        if self.rows is not None:
+            # Rows no sequence touched must have no gradient either (their norm is taken
+            # directly: a difference of two large norms would cancel).
+            grad = self.autograd_grad
+            untouched = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+            untouched[self.rows] = False
+            outside = sq_norm(grad[untouched])
+            mismatch = mismatch + outside
+            total = total + outside
         rtol = self.check_rtol or 0.0
         if bool(mismatch.sqrt() > rtol * total.sqrt() + 1e-30):
             layers = sorted({type(u.module).__name__ for u in self.uses})
@@ -235,19 +280,42 @@ class TensorSequenceGradients:
         bounds the float32 error by ``κ · eps32`` relative; above ``_FP32_MAX_CANCELLATION`` the
         sum is accumulated in float64 (nearly dependent sequence gradients, large coefficients).
         """
+        out = torch.empty(self.param.shape, dtype=self.dtype, device=self.param.device)
+        if self.rows is not None or len(self.chunks) > 1:
+            out.zero_()
+        return self._combine_into(out, weights, add=False)
+
+    def plus_combination(
+        self, acc: torch.Tensor, mcb_grad: torch.Tensor | None, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """A new tensor ``acc + mcb_grad + Σ_i w_i g_i`` (``mcb_grad`` None: left out).
+
+        The combination is added into ``acc + mcb_grad`` in the same pass that reads the
+        sequence gradients (no temporary of the tensor's size), with the precision of
+        :meth:`combine`.
+        """
+        if mcb_grad is None:
+            base = acc.to(self.dtype, copy=True)
+        else:
+            base = acc.to(self.dtype) + mcb_grad.to(self.dtype)
+        return self._combine_into(base, weights, add=True)
+
+    def _combine_into(self, out: torch.Tensor, weights: torch.Tensor, add: bool) -> torch.Tensor:
         k = self.num_sequences
         w = weights.to(torch.float64)
         gram = self._gram
         spread = (w.abs() * gram.diagonal().clamp(min=0).sqrt()).sum()
         norm = (w @ gram @ w).clamp(min=0).sqrt()
         exact = bool(spread > _FP32_MAX_CANCELLATION * norm)
-        out = torch.empty(self.param.shape, dtype=self.dtype, device=self.param.device)
-        if self.rows is not None or len(self.chunks) > 1:
-            out.zero_()
         for rows in self.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
             self._kept = None
-            out[rows] = _weighted_sum(w, s[:k], exact)
+            if not add:
+                out[rows] = _weighted_sum(w, s[:k], exact)
+            elif isinstance(rows, slice):
+                _add_weighted_sum(out[rows], w, s[:k], exact)  # a view: rows of dim 0
+            else:
+                out.index_add_(0, rows, _weighted_sum(w, s[:k], exact))
             self._release(s)
         return out
 
@@ -259,4 +327,6 @@ class TensorSequenceGradients:
         for u in self.uses:
             if u.precomputed is not None:
                 self.meter.add(-u.precomputed.numel() * u.precomputed.element_size())
+                if self.pool is not None:  # formed by the fused backward, used by us alone
+                    self.pool.give(u.precomputed)
                 u.precomputed = None

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._layout import TokenSegments, padding_tokens, segment, segment_sum
+from .._memory import new_empty
 from . import register
 from ._base import Kernel, Rows, tokens
 
@@ -21,7 +22,7 @@ def outer_by_sequence(left: torch.Tensor, right: torch.Tensor, seg: TokenSegment
     ``left: (N, p)``, ``right: (N, q)`` token rows.
     """
     k = seg.num_sequences
-    out = left.new_empty(k + 1, left.shape[1], right.shape[1])
+    out = new_empty(left, k + 1, left.shape[1], right.shape[1])
     torch.bmm(segment(left, seg).transpose(1, 2), segment(right, seg), out=out[:k])
     if seg.has_padding:
         torch.mm(padding_tokens(left, seg).T, padding_tokens(right, seg), out=out[k])
