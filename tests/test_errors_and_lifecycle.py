@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import ToyLM, row_microbatches, toy_sequence_losses
@@ -90,38 +92,50 @@ def test_seq_ids_on_wrong_device(model):
 
 @pytest.mark.parametrize("where", ["forward", "backward", "after-backward"])
 def test_failure_inside_microbatch_restores_every_grad(model, gen, where):
-    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=23)
+    # microbatches 0 and 1 succeed (1 is projected), 2 fails, then runs again
+    mbs = row_microbatches(gen, 3, rows=4, length=5, vocab=23)
     boom = RuntimeError("boom")
 
     def fail_in_backward(grad):
         raise boom
 
+    def without_peak(stats: dict) -> dict:  # a peak: the failed attempt's bytes did exist
+        return {k: v for k, v in stats.items() if k != "peak_seq_grad_bytes"}
+
+    def run(acc: ProjectedAccumulator, m: nn.Module, mb: dict) -> None:
+        with acc.microbatch(mb["seq_ids"]):
+            toy_sequence_losses(m, mb).sum().backward()
+
+    twin = copy.deepcopy(model)
+    with ProjectedAccumulator(twin) as acc:  # the same microbatches, and no failure
+        run(acc, twin, mbs[0])
+        run(acc, twin, mbs[1])
+        stats = without_peak(acc.stats())
+    assert stats["microbatch"]["all"]["updates"] > 0
+
     with ProjectedAccumulator(model) as acc:
-        with acc.microbatch(mbs[0]["seq_ids"]):
-            toy_sequence_losses(model, mbs[0]).sum().backward()
+        run(acc, model, mbs[0])
+        run(acc, model, mbs[1])
         before = {n: p.grad.clone() for n, p in model.named_parameters()}
         ids = {n: id(p.grad) for n, p in model.named_parameters()}
-        stats = acc.stats()
-        stats.pop("peak_seq_grad_bytes")  # a peak: the failed attempt's bytes did exist
         with pytest.raises(RuntimeError, match="boom"):
-            with acc.microbatch(mbs[1]["seq_ids"]):
+            with acc.microbatch(mbs[2]["seq_ids"]):
                 if where == "forward":
                     raise boom
-                h = model.embed(mbs[1]["input_ids"])
+                h = model.embed(mbs[2]["input_ids"])
                 if where == "backward":
                     # raises after the head and norms have already accumulated
                     h.register_hook(fail_in_backward)
-                loss = toy_sequence_losses(model, mbs[1]).sum() + 0 * h.sum()
+                loss = toy_sequence_losses(model, mbs[2]).sum() + 0 * h.sum()
                 loss.backward()
                 if where == "after-backward":
                     raise boom
         for n, p in model.named_parameters():
             assert torch.equal(p.grad, before[n]), n
             assert id(p.grad) == ids[n], n
-        # the failed attempt is not counted either
-        assert {k: v for k, v in acc.stats().items() if k != "peak_seq_grad_bytes"} == stats
-        with acc.microbatch(mbs[1]["seq_ids"]):
-            toy_sequence_losses(model, mbs[1]).sum().backward()
+        # the failed attempt is not counted either, and nothing recorded before it is lost
+        assert without_peak(acc.stats()) == stats
+        run(acc, model, mbs[2])
         changed = [n for n, p in model.named_parameters() if not torch.equal(p.grad, before[n])]
         assert len(changed) == len(before)
 

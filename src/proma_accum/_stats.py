@@ -49,6 +49,7 @@ class StatsRecorder:
 
     def checkpoint(self) -> tuple:
         """Everything but the byte peak, to :meth:`restore` after a failed microbatch."""
+        self._flush()
         tables = tuple(
             {g: defaultdict(float, row) for g, row in t.items()} for t in (self._step, self._last)
         )
@@ -58,6 +59,7 @@ class StatsRecorder:
         (self.microbatches, self.steps, self._step_microbatches, self._step, self._last) = (
             checkpoint
         )
+        self._pending = []
 
     def record(self, group: str, info: UpdateInfo) -> None:
         self._pending.append((group, info))
