@@ -25,8 +25,9 @@ primary figure; process CPU time (all threads) is recorded too, since it is less
 to other load on the machine. The load average is recorded before and after each workload.
 
 *Memory.* In the first round the warm-up step is a memory-tracked step: the first
-``min(microbatches, 2)`` microbatches of the step (by the second microbatch every variant
-holds all of its state: running sums, per-sequence data of the current microbatch) run
+``min(microbatches, 3)`` microbatches of the step (by the third microbatch every variant
+holds all of its state: running sums, per-sequence data of the current microbatch, and
+buffers kept from the previous microbatch through this one's forward) run
 under :class:`benchmarks.memory.LiveTensorBytes`, which records the peak of live bytes of
 tensor storages created during the step. "Extra" is that peak minus plain's. The target for
 the extra is ``1.5 * k * (largest projected tensor) * 4 bytes`` (fp32), with ``k`` the
@@ -68,7 +69,7 @@ from benchmarks.workloads import (
 SCHEMA = "proma-accum-benchmarks/1"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 MiB = 2**20
-MEMORY_MICROBATCHES = 2
+MEMORY_MICROBATCHES = 3
 #: a measurement waits (up to --quiet-wait seconds) until other processes use less than this
 #: fraction of the machine's CPUs, or leave the benchmark's threads a CPU each
 QUIET_THRESHOLD = 0.25
