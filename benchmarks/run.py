@@ -403,7 +403,8 @@ def format_table(results: dict) -> str:
         "step time (in brackets: best variant time / best plain time); each variant-round in "
         "a fresh process after a warm-up step. Other load: the largest share of the CPUs "
         "used by other processes during a timed step. Memory: peak live bytes of tensors "
-        "created during a step (TorchDispatchMode tracking, first 2 microbatches); extra = "
+        "created during a step (TorchDispatchMode tracking, first "
+        f"{MEMORY_MICROBATCHES} microbatches); extra = "
         "variant - plain; target = 1.5 x k x largest projected tensor (fp32). RSS: peak "
         "resident set size of the process (coarse).",
         "",
