@@ -38,6 +38,12 @@ class DenseSeqGrads:
     def combine(self, weights):
         return (weights.double() @ self.s.double()).to(self.s.dtype)
 
+    spectrum = None  # nothing computed ahead
+
+    def plus_combination(self, acc, mcb_grad, weights):
+        c = self.combine(weights)
+        return acc.to(c.dtype) + (c if mcb_grad is None else mcb_grad.to(c.dtype) + c)
+
 
 @st.composite
 def sequence_gradients(draw, max_k=6, max_d=12):

@@ -42,11 +42,15 @@ class SequenceGradients(Protocol):
         """``Σ_i weights[i] g_i``, shaped like the tensor. ``weights: (k,)``."""
         ...
 
-    # Optional: ``spectrum``, None or ``(normalized_gram(G), torch.linalg.eigh(Ĝ) or None)`` of
-    # the ``G`` that ``gram_and_inner`` returned, when it computed them anyway.
-    # Optional: ``plus_combination(acc, mcb_grad, weights)``, a new tensor
-    # ``acc + mcb_grad + Σ_i weights[i] g_i`` (``mcb_grad`` None: left out) formed in one pass;
-    # without it ``accumulate_proma`` adds ``combine(weights)`` to the other two.
+    def plus_combination(
+        self, acc: torch.Tensor, mcb_grad: torch.Tensor | None, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """A new tensor ``acc + mcb_grad + Σ_i weights[i] g_i`` (``mcb_grad`` None: left out)."""
+        ...
+
+    # None, or ``(normalized_gram(G), torch.linalg.eigh(Ĝ) or None)`` of the ``G`` that
+    # ``gram_and_inner`` returned, when it computed them anyway.
+    spectrum: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None] | None
 
 
 # Squared norms are summed in float64 over float32 norms of rows of this many elements: as
@@ -156,13 +160,25 @@ class UpdateInfo:
     mcb_norm: torch.Tensor
 
 
-def numerical_rank(gram: torch.Tensor) -> torch.Tensor:
-    """Dimension of ``span(g)``: eigenvalues of ``Ĝ`` above ``RANK_RTOL · λ_max``."""
-    return _rank(torch.linalg.eigvalsh(normalized_gram(gram)[0]))
-
-
 def _rank(eigval: torch.Tensor) -> torch.Tensor:
+    """Dimension of ``span(g)``: eigenvalues of ``Ĝ`` above ``RANK_RTOL · λ_max``."""
     return (eigval > RANK_RTOL * eigval.max().clamp(min=0)).sum()
+
+
+def _span_coefficients_and_rank(
+    projection: Projection,
+    gram: torch.Tensor,
+    inner: torch.Tensor,
+    spectrum: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``SPAN_COEFFICIENTS[projection](gram, inner)`` and the dimension of ``span(g)``, with
+    one eigendecomposition of ``Ĝ`` serving both (or the one the sequence gradients computed)."""
+    normalized, eigh = spectrum or (normalized_gram(gram), None)
+    if projection == "exact":
+        eigh = eigh or torch.linalg.eigh(normalized[0])
+        return _coefficients_exact(normalized, eigh, inner), _rank(eigh[0])
+    eigval = eigh[0] if eigh else torch.linalg.eigvalsh(normalized[0])
+    return _coefficients_gs2(normalized, inner), _rank(eigval)
 
 
 def accumulate_proma(
@@ -204,19 +220,7 @@ def accumulate_proma(
             return mcb_grad, None
         return seq_grads.combine(advantages), None
 
-    # proj_on_span = Σ_i c_i g_i; one eigendecomposition of Ĝ serves the rank too (and the
-    # sequence gradients may have computed both already).
-    normalized, eigh = getattr(seq_grads, "spectrum", None) or (normalized_gram(gram), None)
-    if projection == "exact":
-        eigh = eigh or torch.linalg.eigh(normalized[0])
-        coeffs = _coefficients_exact(normalized, eigh, inner)
-        rank = _rank(eigh[0])
-    elif projection == "gs2":
-        coeffs = _coefficients_gs2(normalized, inner)
-        rank = _rank(eigh[0] if eigh else torch.linalg.eigvalsh(normalized[0]))
-    else:
-        coeffs = SPAN_COEFFICIENTS[projection](gram, inner)
-        rank = numerical_rank(gram)
+    coeffs, rank = _span_coefficients_and_rank(projection, gram, inner, seq_grads.spectrum)
     proj_norm = (coeffs @ gram @ coeffs).clamp(min=0).sqrt()
     scale = torch.ones_like(proj_norm)
     if clamp is not None:
@@ -225,15 +229,7 @@ def accumulate_proma(
     removed = world * strength * scale * coeffs
     weights = -removed if mcb_weights is None else mcb_weights - removed
     # complemented_acc_grad + mcb_policy_grad, with both combinations done in one pass.
-    mcb = mcb_grad if advantages is None else None
-    plus_combination = getattr(seq_grads, "plus_combination", None)
-    if plus_combination is not None:
-        new = plus_combination(acc, mcb, weights)
-    else:
-        combination = seq_grads.combine(weights)
-        new = acc.to(combination.dtype) + (
-            combination if mcb is None else mcb.to(combination.dtype) + combination
-        )
+    new = seq_grads.plus_combination(acc, mcb_grad if advantages is None else None, weights)
     info = UpdateInfo(
         num_sequences=seq_grads.num_sequences,
         rank=rank,
