@@ -282,7 +282,7 @@ class ProjectedAccumulator:
             )
         unsharded = {
             module: [
-                (s.param, functools.partial(getattr, s.fsdp_param, "_unsharded_param", None))
+                (s.param, functools.partial(getattr, s, "unsharded"))
                 for s in slots
                 if s.param.requires_grad
             ]
