@@ -130,7 +130,7 @@ def run_fsdp2(
     return out
 
 
-def run_qwen3_fsdp2_solo(mesh, checkpointing: bool = False) -> dict:
+def run_qwen3_fsdp2_solo(mesh, checkpointing: bool = False, advantages: bool = False) -> dict:
     """A tiny tied-embedding Qwen3 with FSDP2 on every decoder layer and the root, over one
     rank, against the same model without FSDP2: per-tensor relative gradient errors."""
     from torch.distributed.fsdp import fully_shard
@@ -164,7 +164,8 @@ def run_qwen3_fsdp2_solo(mesh, checkpointing: bool = False) -> dict:
                 tokens = torch.randint(
                     0, VOCAB * 3, (ROWS, 6), generator=torch.Generator().manual_seed(m)
                 )
-                with acc.microbatch(torch.arange(ROWS)):
+                adv = torch.linspace(-1.0, 2.0, ROWS) + m if advantages else None
+                with acc.microbatch(torch.arange(ROWS), advantages=adv):
                     logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
                     loss = nn.functional.cross_entropy(
                         logits.transpose(1, 2), tokens[:, 1:], reduction="sum"
@@ -259,6 +260,7 @@ def main(rank: int, world: int, port: int, queue) -> None:
         solo_mesh = DeviceMesh.from_group(solo[rank], "cpu")
         out["qwen3_fsdp2_solo"] = run_qwen3_fsdp2_solo(solo_mesh)
         out["qwen3_fsdp2_solo_ckpt"] = run_qwen3_fsdp2_solo(solo_mesh, checkpointing=True)
+        out["qwen3_fsdp2_solo_adv"] = run_qwen3_fsdp2_solo(solo_mesh, advantages=True)
         out["tensor_parallel"] = run_tensor_parallel(rank, world)
         out["fsdp2_divide_factor"] = run_fsdp2_divide_factor(rank)
         out["fsdp1"] = run_fsdp1(rank)

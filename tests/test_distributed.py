@@ -251,10 +251,12 @@ def test_fsdp2_custom_divide_factor_is_refused(results):
         assert message is not None and "set_gradient_divide_factor" in message, message
 
 
-@pytest.mark.parametrize("scenario", ["qwen3_fsdp2_solo", "qwen3_fsdp2_solo_ckpt"])
+@pytest.mark.parametrize(
+    "scenario", ["qwen3_fsdp2_solo", "qwen3_fsdp2_solo_ckpt", "qwen3_fsdp2_solo_adv"]
+)
 def test_fsdp2_hf_model_matches_unsharded_proma(results, scenario):
-    """Tiny tied-embedding Qwen3, FSDP2 on each decoder layer and the root (one rank), without
-    and with gradient checkpointing."""
+    """Tiny tied-embedding Qwen3, FSDP2 on each decoder layer and the root (one rank): plain,
+    with gradient checkpointing, and in advantages mode."""
     res = results[0][scenario]
     assert res["updates"] > 0
     assert len(res["errors"]) > 10 and max(res["errors"].values()) < 1e-5, res["errors"]
