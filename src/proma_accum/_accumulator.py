@@ -482,7 +482,7 @@ class ProjectedAccumulator:
             self._done_with(p, state)
         # The hook returns the whole new running gradient into an emptied p.grad, so the old
         # tensor stays intact and can be restored if the microbatch fails later.
-        return slot.give(new, grad)
+        return new.to(slot.target.dtype)
 
     def _project(
         self,

@@ -15,7 +15,9 @@ places:
 :meth:`GradSlot.take` returns their sum as one full tensor, empties every place and remembers
 what was there, so a failed microbatch can put every tensor object back (:meth:`Taken.restore`).
 Gathering the sharded part is the one collective PROMA adds under FSDP2, and only when the
-gradient was reduce-scattered after an earlier microbatch of the step.
+gradient was reduce-scattered after an earlier microbatch of the step. The new running gradient
+goes back into ``p_u.grad`` in the compute dtype; FSDP2 moves it to its reduce-dtype
+accumulator after the backward, as it does with any local gradient.
 """
 
 from __future__ import annotations
@@ -58,10 +60,6 @@ class GradSlot:
         acc = self.param.grad
         self.param.grad = None
         return acc, False, Taken([(self.param, "grad", acc)])
-
-    def give(self, new: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The gradient hook's return value, given the new running gradient ``new``."""
-        return new.to(self.target.dtype)
 
 
 @dataclass
@@ -134,16 +132,6 @@ class ShardedSlot(GradSlot):
             else:
                 taken.places.append((self.param, "grad", sharded.detach().clone()))
         return acc, local, taken
-
-    def give(self, new: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """As :meth:`GradSlot.give`; under a mixed-precision policy whose reduce dtype differs
-        from the compute dtype, the running gradient is kept where FSDP2 keeps it, in the
-        reduce dtype, and autograd gets zeros to add (casting it down would lose precision)."""
-        reduce_dtype = self.fsdp_param.reduce_dtype
-        if reduce_dtype is None or reduce_dtype == self.target.dtype:
-            return new.to(self.target.dtype)
-        self.fsdp_param.unsharded_accumulated_grad = new.to(reduce_dtype)
-        return torch.zeros_like(grad)
 
 
 def sharded_slots(model: nn.Module) -> dict[nn.Module, list[ShardedSlot]]:
