@@ -124,3 +124,37 @@ def test_help_and_list():
         )
         assert proc.returncode == 0, proc.stderr
         assert "default" in proc.stdout
+
+
+def test_floor_takes_the_cheaper_way_per_tensor():
+    """The overhead floor charges each tensor the cheaper of its memory pass and its GEMM
+    (only the memory pass for 1-D tensors) and scales by the projected microbatches."""
+    from benchmarks.floor import TensorFloor, ratio_bound
+    from benchmarks.workloads import quick_workloads
+
+    floors = [
+        TensorFloor("lm", (8, 4), memory_s=0.004, gemm_s=0.010),  # memory is cheaper
+        TensorFloor("proj", (4, 4), memory_s=0.003, gemm_s=0.001),  # GEMM is cheaper
+        TensorFloor("norm", (4,), memory_s=0.002, gemm_s=None),  # no GEMM
+    ]
+    assert [f.floor_s for f in floors] == [0.004, 0.001, 0.002]
+    wl = quick_workloads()["default"].with_(microbatches=4)
+    per_mb, bound = ratio_bound(wl, plain_s=0.1, floors=floors)
+    assert per_mb == pytest.approx(0.007)
+    assert bound == pytest.approx(1 + 3 * 0.007 / 0.1)
+
+
+def test_floor_cli_quick():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.floor", "--quick", "--workloads", "default"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| tensor(s) | shape | count |" in proc.stdout
+    assert "model.embed_tokens.weight" in proc.stdout
+    bound = float(proc.stdout.split("lower bound on the step time ratio: ")[1].split("**")[1][:-1])
+    assert bound > 1.0
+    assert "measured proma-exact" in proc.stdout
