@@ -225,6 +225,41 @@ def test_gradient_on_rows_no_sequence_touched_is_detected(gen):
             (loss + 0 * model.embed.weight[30:].sum()).backward()
 
 
+@pytest.mark.parametrize("rows", [slice(None), slice(20, None)], ids=["all-rows", "untouched"])
+def test_penalty_on_a_tied_fused_head_is_detected(gen, monkeypatch, rows):
+    """Tied embedding + fused head: the check subtracts the head's returned sum from autograd's
+    gradient and compares the rest with the embedding's per-sequence parts, without reading the
+    head's per-sequence gradients; a penalty on the tied weight (on every row, or only on rows
+    no id of the microbatch touches) is still caught."""
+    from proma_accum import _seq_grads
+
+    torch.manual_seed(0)
+    model = ToyLM(vocab=40, tied=True)
+    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=20)  # ids 20..39 never occur
+    passes = []
+    real_pass = _seq_grads.TensorSequenceGradients._pass
+
+    def spy(self, acc, precise, check):
+        passes.append((self.name, check))
+        return real_pass(self, acc, precise, check)
+
+    monkeypatch.setattr(_seq_grads.TensorSequenceGradients, "_pass", spy)
+    with ProjectedAccumulator(model) as acc:
+        with acc.microbatch(mbs[0]["seq_ids"]):
+            toy_sequence_losses(model, mbs[0]).sum().backward()
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+        with pytest.raises(RuntimeError, match="penalty term"):
+            with acc.microbatch(mbs[1]["seq_ids"]):
+                loss = toy_sequence_losses(model, mbs[1]).sum()
+                (loss + 1e-2 * model.head.weight[rows].square().sum()).backward()
+        assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+        passes.clear()
+        with acc.microbatch(mbs[1]["seq_ids"]):  # without the penalty: fine
+            toy_sequence_losses(model, mbs[1]).sum().backward()
+    # the tied weight's pass over its per-sequence gradients did not do the sum check
+    assert ("embed.weight", False) in passes and ("embed.weight", True) not in passes
+
+
 def test_fused_head_error_untied(gen):
     torch.manual_seed(0)
     model = ToyLM(tied=False)

@@ -506,7 +506,10 @@ class ProjectedAccumulator:
                     verified = True
                 if cap.precomputed is not None:
                     s = cap.precomputed.pop(role)
-                    uses.append(Use(layer.kernel, module, role, cap.seg, precomputed=s))
+                    returned = None if cap.returned is None else cap.returned.get(role)
+                    uses.append(
+                        Use(layer.kernel, module, role, cap.seg, precomputed=s, returned=returned)
+                    )
                 elif cap.grad_out is not None and cap.x is not None:
                     x = cap.x if cap.cast is None else cap.x.to(cap.cast)
                     uses.append(Use(layer.kernel, module, role, cap.seg, x, cap.grad_out))

@@ -9,7 +9,10 @@ between the two passes (``gram_and_inner`` then ``combine``); otherwise it is fo
 Before anything is projected, ``Σ_i S_i`` (padding included) is compared with the gradient
 autograd computed for the tensor: a mismatch means part of the gradient came from outside the
 hooked layers (a fused LM head, a penalty on the weights) and raises instead of silently using
-incomplete per-sequence data.
+incomplete per-sequence data. Uses whose weight gradient autograd received from the fused
+backward (``Use.returned``, the sum of their per-sequence gradients) are subtracted from that
+gradient instead of being summed again, so a tied LM head's per-sequence gradients are not read
+for the check: only the other uses' (an embedding's touched rows) are formed and compared.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ._memory import BufferPool
 from ._proma import normalized_gram, sq_norm
 
 _GRAM_BLOCK_BYTES = 8 * 2**20
+_CHECK_BLOCK_BYTES = 2**20
 _FP32_MAX_CANCELLATION = 64.0
 _FP32_GRAM_MAX_CONDITION = 100.0
 
@@ -68,6 +72,13 @@ def _sum_parts(
     return torch.stack(parts).double().sum(0)
 
 
+def _untouched(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows of ``t`` (along dim 0) not listed in ``rows``."""
+    keep = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+    keep[rows] = False
+    return t[keep]
+
+
 class IncompleteSequenceDataError(RuntimeError):
     """A covered tensor's gradient is not the sum of the per-sequence parts its layers saw."""
 
@@ -77,7 +88,8 @@ class Use:
     """One forward of a hooked layer whose output received a gradient.
 
     Either ``x`` and ``grad_out`` (the kernel forms the sequence gradients on demand) or
-    ``precomputed``: ``(k + 1, *param.shape)`` sequence gradients formed during the backward.
+    ``precomputed``: ``(k + 1, *param.shape)`` sequence gradients formed during the backward,
+    with ``returned`` their sum as handed to autograd.
     """
 
     kernel: Kernel
@@ -87,6 +99,7 @@ class Use:
     x: torch.Tensor | None = None
     grad_out: torch.Tensor | None = None
     precomputed: torch.Tensor | None = None
+    returned: torch.Tensor | None = None
 
 
 @dataclass
@@ -149,6 +162,16 @@ class TensorSequenceGradients:
         self._gram = torch.zeros(
             num_sequences, num_sequences, dtype=torch.float64, device=param.device
         )
+        # Check by subtracting the fused uses' returned sums (see the module docstring) when
+        # every fused use has one and the other uses say which rows they touch.
+        fused = [u for u in uses if u.precomputed is not None]
+        self._check_by_remainder = (
+            bool(fused)
+            and all(u.returned is not None for u in fused)
+            and all(
+                t is not None for u, t in zip(uses, touched, strict=True) if u.precomputed is None
+            )
+        )
 
     def _chunk(self, start: int, stop: int) -> slice | torch.Tensor:
         return slice(start, stop) if self.rows is None else self.rows[start:stop]
@@ -193,7 +216,11 @@ class TensorSequenceGradients:
         projection stay exact. The same pass checks
         ``‖Σ_i S_i − g‖`` (padding row included) against autograd's gradient ``g``.
         """
-        gram, inner = self._pass(acc, precise=False, check=self.check_rtol is not None)
+        check = self.check_rtol is not None
+        if check and self._check_by_remainder:
+            self._check_remainder()
+            check = False
+        gram, inner = self._pass(acc, precise=False, check=check)
         normalized = normalized_gram(gram)
         unit_gram, _, nonzero = normalized
         eigh = None
@@ -247,20 +274,69 @@ class TensorSequenceGradients:
                 self._release(s)
         device = self.param.device
         if check:
-            self._check(_sum_parts(mismatches, (), device), _sum_parts(covered, (), device))
+            mismatch = _sum_parts(mismatches, (), device)
+            total = _sum_parts(covered, (), device)
+            if self.rows is not None:
+                # Rows no sequence touched must have no gradient either (their norm is taken
+                # directly: a difference of two large norms would cancel).
+                outside = sq_norm(_untouched(self.autograd_grad, self.rows))
+                mismatch, total = mismatch + outside, total + outside
+            self._check(mismatch, total)
         return _sum_parts(grams, (k, k), device), _sum_parts(inners, (k,), device)
 
-    def _check(self, mismatch: torch.Tensor, covered: torch.Tensor) -> None:
-        total = covered
-        if self.rows is not None:
-            # Rows no sequence touched must have no gradient either (their norm is taken
-            # directly: a difference of two large norms would cancel).
-            grad = self.autograd_grad
-            untouched = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
-            untouched[self.rows] = False
-            outside = sq_norm(grad[untouched])
-            mismatch = mismatch + outside
-            total = total + outside
+    def _check_remainder(self) -> None:
+        """The check with the fused uses' returned sums subtracted from autograd's gradient:
+        the remainder must be the sum of the other uses' per-sequence gradients on the rows
+        they touch, and zero elsewhere.
+
+        The remainder is formed in row blocks of ``_CHECK_BLOCK_BYTES`` in one reused buffer
+        (a temporary of the tensor's size would be mapped afresh and page-fault).
+        """
+        grad = self.autograd_grad
+        fused = [u.returned for u in self.uses if u.precomputed is not None]
+        others = [u for u in self.uses if u.precomputed is None]
+        device = grad.device
+        rows = torch.empty(0, dtype=torch.long, device=device)
+        mismatch = torch.zeros((), dtype=torch.float64, device=device)
+        if others:
+            rows = torch.unique(
+                torch.cat([u.kernel.touched_rows(u.module, u.role, u.x) for u in others])
+            )
+            parts = None
+            for u in others:
+                if parts is None:
+                    parts = u.kernel.seq_grads(
+                        u.module, u.role, u.x, u.grad_out, u.seg, rows, self.dtype
+                    )
+                else:
+                    u.kernel.add_seq_grads(parts, u.module, u.role, u.x, u.grad_out, u.seg, rows)
+            assert parts is not None
+            self.meter.add(parts.numel() * parts.element_size())
+            residual = parts.sum(0)
+            self.meter.add(-parts.numel() * parts.element_size())
+            del parts
+            residual -= grad[rows].to(self.dtype)
+            for returned in fused:
+                residual += returned[rows].to(self.dtype)  # type: ignore[index]
+            mismatch = sq_norm(residual)
+        # Rows no other use touched: autograd's gradient minus the fused sums must be zero.
+        n, row_numel = grad.shape[0], grad[0].numel()  # fused uses are Linear-like: dim >= 1
+        per_block = max(1, _CHECK_BLOCK_BYTES // (row_numel * self.dtype.itemsize))
+        buffer = torch.empty((min(per_block, n), *grad.shape[1:]), dtype=self.dtype, device=device)
+        bounds = torch.searchsorted(rows, torch.arange(0, n + per_block, per_block, device=device))
+        starts = bounds.tolist()
+        for i, a in enumerate(range(0, n, per_block)):
+            b = min(a + per_block, n)
+            rest = buffer[: b - a]
+            rest.copy_(grad[a:b])
+            for returned in fused:
+                rest -= returned[a:b]  # type: ignore[index]
+            rest.index_fill_(0, rows[starts[i] : starts[i + 1]] - a, 0)
+            mismatch = mismatch + sq_norm(rest)
+        self._check(mismatch, sq_norm(grad))
+
+    def _check(self, mismatch: torch.Tensor, total: torch.Tensor) -> None:
+        """Raise unless ``sqrt(mismatch) <= check_rtol * sqrt(total)`` (squared norms)."""
         rtol = self.check_rtol or 0.0
         if bool(mismatch.sqrt() > rtol * total.sqrt() + 1e-30):
             layers = sorted({type(u.module).__name__ for u in self.uses})
