@@ -129,7 +129,7 @@ def test_help_and_list():
 def test_floor_takes_the_cheaper_way_per_tensor():
     """The overhead floor charges each tensor the cheaper of its memory pass and its GEMM
     (only the memory pass for 1-D tensors) and scales by the projected microbatches."""
-    from benchmarks.floor import TensorFloor, ratio_bound
+    from benchmarks.floor import TensorFloor, kernel_bound, ratio_bound
     from benchmarks.workloads import quick_workloads
 
     floors = [
@@ -142,6 +142,11 @@ def test_floor_takes_the_cheaper_way_per_tensor():
     per_mb, bound = ratio_bound(wl, plain_s=0.1, floors=floors)
     assert per_mb == pytest.approx(0.007)
     assert bound == pytest.approx(1 + 3 * 0.007 / 0.1)
+    # the library-kernel figure counts only tensors with measured kernels
+    floors[0].kernels_s, floors[1].kernels_s = 0.02, 0.005
+    per_mb, bound = kernel_bound(wl, plain_s=0.1, floors=floors)
+    assert per_mb == pytest.approx(0.025)
+    assert bound == pytest.approx(1 + 3 * 0.025 / 0.1)
 
 
 def test_floor_cli_quick():
@@ -157,4 +162,6 @@ def test_floor_cli_quick():
     assert "model.embed_tokens.weight" in proc.stdout
     bound = float(proc.stdout.split("lower bound on the step time ratio: ")[1].split("**")[1][:-1])
     assert bound > 1.0
+    kernels = float(proc.stdout.split("GEMMs, i.e. **")[1].split("×**")[0])
+    assert kernels > 1.0
     assert "measured proma-exact" in proc.stdout
