@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,7 +66,7 @@ def _raise(error: BaseException, grad: torch.Tensor) -> None:
 @dataclass
 class _Microbatch:
     layout: SequenceLayout
-    advantages: torch.Tensor | None  # (k,) float64, in dense sequence order
+    advantages: np.ndarray | None  # (k,) float64, in dense sequence order
     world: int = 1
     captures: dict[nn.Module, list[_Capture]] = field(default_factory=dict)
     roles_done: dict[nn.Module, int] = field(default_factory=dict)
@@ -367,7 +368,7 @@ class ProjectedAccumulator:
 
     def _check_advantages(
         self, advantages: torch.Tensor | None, layout: SequenceLayout
-    ) -> torch.Tensor | None:
+    ) -> np.ndarray | None:
         if advantages is None:
             return None
         if not isinstance(advantages, torch.Tensor):
@@ -398,7 +399,7 @@ class ProjectedAccumulator:
                 f"covered: {self._unprojected}. Freeze them (requires_grad=False) or use loss "
                 "mode (no advantages)."
             )
-        return advantages.double()[layout.ids]
+        return advantages.detach().double()[layout.ids].cpu().numpy()
 
     # ------------------------------------------------------------------ hooks
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
