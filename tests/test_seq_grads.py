@@ -99,3 +99,23 @@ def test_one_eigendecomposition_per_update_and_reference_result(projection, case
     expected = accumulate_proma_reference(acc, grad, s[:k], projection=projection, clamp=None)
     torch.testing.assert_close(new.double(), expected, rtol=1e-5, atol=1e-5)
     assert int(info.rank) == (k - 1 if case == "zero" else k)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 4])
+def test_embedding_grad_sum_is_the_sum_of_its_sequence_gradients(padding_idx):
+    """The check of a tied embedding's gradient uses ``grad_sum``: padding tokens (sequence id
+    -1) count, ``padding_idx`` tokens and rows outside ``rows`` do not."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 3, padding_idx=padding_idx)
+    ids = torch.tensor([[1, 4, 4, 9], [7, 1, 2, 4]])
+    grad_out = torch.randn(2, 4, 3)
+    seq_ids = torch.tensor([[5, 5, 5, -1], [2, 2, -1, -1]])  # padding tokens hold ids 9, 2, 4
+    seg = SequenceLayout.from_seq_ids(seq_ids, None).token_segments(ids.shape, "emb")
+    kernel = EmbeddingKernel()
+    rows = torch.tensor([1, 2, 4, 9])  # 7 left out
+    got = kernel.grad_sum(emb, "weight", ids, grad_out, seg, rows, torch.float32)
+    want = kernel.seq_grads(emb, "weight", ids, grad_out, seg, rows, torch.float32).sum(0)
+    torch.testing.assert_close(got, want)
+    out = emb(ids)
+    (full,) = torch.autograd.grad(out, emb.weight, grad_out)
+    torch.testing.assert_close(got, full[rows])

@@ -301,19 +301,12 @@ class TensorSequenceGradients:
             rows = torch.unique(
                 torch.cat([u.kernel.touched_rows(u.module, u.role, u.x) for u in others])
             )
-            parts = None
-            for u in others:
-                if parts is None:
-                    parts = u.kernel.seq_grads(
-                        u.module, u.role, u.x, u.grad_out, u.seg, rows, self.dtype
-                    )
-                else:
-                    u.kernel.add_seq_grads(parts, u.module, u.role, u.x, u.grad_out, u.seg, rows)
-            assert parts is not None
-            self.meter.add(parts.numel() * parts.element_size())
-            residual = parts.sum(0)
-            self.meter.add(-parts.numel() * parts.element_size())
-            del parts
+            # Σ_i S_i of the other uses, formed without the per-sequence split.
+            residual = sum(
+                u.kernel.grad_sum(u.module, u.role, u.x, u.grad_out, u.seg, rows, self.dtype)
+                for u in others
+            )
+            assert isinstance(residual, torch.Tensor)
             residual -= grad[rows].to(self.dtype)
             for returned in fused:
                 residual += returned[rows].to(self.dtype)  # type: ignore[index]

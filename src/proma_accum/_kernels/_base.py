@@ -70,6 +70,20 @@ class Kernel:
         """
         raise NotImplementedError
 
+    def grad_sum(
+        self,
+        module: nn.Module,
+        role: str,
+        x: torch.Tensor,
+        grad_out: torch.Tensor,
+        seg: TokenSegments,
+        rows: Rows,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``seq_grads(...).sum(0)``: this use's gradient of ``module.<role>[rows]`` (padding
+        tokens included), ``(len(rows), ...)``; kernels may form it without the split."""
+        return self.seq_grads(module, role, x, grad_out, seg, rows, dtype).sum(0)
+
     def add_seq_grads(
         self,
         total: torch.Tensor,

@@ -66,14 +66,42 @@ class EmbeddingKernel(Kernel):
         b = tokens(grad_out, 1, total.dtype)
         rows = _row_index(rows, module, ids.device)
         n_rows = rows.numel()
-        pos = torch.searchsorted(rows, ids).clamp_(max=max(n_rows - 1, 0))
-        keep = rows[pos] == ids if n_rows else torch.zeros_like(ids, dtype=torch.bool)
-        if module.padding_idx is not None:
-            keep &= ids != module.padding_idx
+        pos, keep = _positions(rows, ids, module)
         k = seg.num_sequences
         seq = torch.where(seg.token_seq >= 0, seg.token_seq, k)
         flat = total.view((k + 1) * n_rows, -1)  # rows of (sequence, embedding row)
         flat.index_add_(0, (seq * n_rows + pos)[keep], b[keep])
+
+    def grad_sum(
+        self,
+        module: nn.Module,
+        role: str,
+        x: torch.Tensor,
+        grad_out: torch.Tensor,
+        seg: TokenSegments,
+        rows: Rows,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``Σ_t b_t`` into row ``id_t``: the plain embedding gradient on ``rows``."""
+        ids = x.reshape(-1)
+        rows = _row_index(rows, module, ids.device)
+        pos, keep = _positions(rows, ids, module)
+        b = tokens(grad_out, 1, dtype)
+        total = b.new_zeros(rows.numel(), b.shape[-1])
+        return total.index_add_(0, pos[keep], b[keep])
+
+
+def _positions(
+    rows: torch.Tensor, ids: torch.Tensor, module: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pos, keep)``: each token's index into the sorted ``rows``, and whether the token
+    contributes (its id is among ``rows`` and is not ``padding_idx``)."""
+    n_rows = rows.numel()
+    pos = torch.searchsorted(rows, ids).clamp_(max=max(n_rows - 1, 0))
+    keep = rows[pos] == ids if n_rows else torch.zeros_like(ids, dtype=torch.bool)
+    if module.padding_idx is not None:
+        keep &= ids != module.padding_idx
+    return pos, keep
 
 
 def _row_index(rows: Rows, module: nn.Module, device: torch.device) -> torch.Tensor:
