@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ def test_plus_combination_is_acc_plus_grad_plus_the_combination(chunk_bytes, nea
     expected = acc.double() + grad.double() + torch.einsum("i,i...->...", weights, s[:k].double())
     seq = _linear_seq_grads(s.clone(), grad, chunk_bytes)
     seq.gram_and_inner(acc)
-    got = seq.plus_combination(acc, grad, weights.numpy())
+    got = seq.plus_combination(acc, grad, weights)
     scale = acc.double().norm() + grad.double().norm() + expected.norm()
     assert got.dtype == torch.float32
     assert (got.double() - expected).norm() <= 1e-6 * scale
@@ -46,7 +45,7 @@ def test_plus_combination_is_acc_plus_grad_plus_the_combination(chunk_bytes, nea
     acc_before = acc.clone()
     seq = _linear_seq_grads(s.clone(), grad, chunk_bytes)
     seq.gram_and_inner(acc)
-    got = seq.plus_combination(acc, None, weights.numpy())
+    got = seq.plus_combination(acc, None, weights)
     assert torch.equal(acc, acc_before)
     assert (got.double() - (expected - grad.double())).norm() <= 1e-6 * scale
 
@@ -65,7 +64,7 @@ def test_plus_combination_on_touched_rows_of_an_embedding():
     acc = torch.randn(10, 3)
     seq.gram_and_inner(acc)
     weights = torch.tensor([0.5, -2.0], dtype=torch.float64)
-    got = seq.plus_combination(acc, grad, weights.numpy())
+    got = seq.plus_combination(acc, grad, weights)
     per_seq = torch.zeros(2, 10, 3)
     for i in range(2):
         per_seq[i].index_add_(0, ids[i], grad_out[i])
@@ -87,9 +86,9 @@ def test_one_eigendecomposition_per_update_and_reference_result(projection, case
     acc = 3.0 * torch.randn(6, 7, generator=g)
     calls = []
     for name in ("eigh", "eigvalsh"):
-        original = getattr(np.linalg, name)
+        original = getattr(torch.linalg, name)
         monkeypatch.setattr(
-            np.linalg, name, lambda m, _f=original, _n=name: calls.append(_n) or _f(m)
+            torch.linalg, name, lambda m, _f=original, _n=name: calls.append(_n) or _f(m)
         )
     new, info = accumulate_proma(
         acc, grad, _linear_seq_grads(s, grad), projection=projection, clamp=None, strength=1.0

@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -66,7 +65,7 @@ def _raise(error: BaseException, grad: torch.Tensor) -> None:
 @dataclass
 class _Microbatch:
     layout: SequenceLayout
-    advantages: np.ndarray | None  # (k,) float64, in dense sequence order
+    advantages: torch.Tensor | None  # (k,) float64, in dense sequence order
     world: int = 1
     captures: dict[nn.Module, list[_Capture]] = field(default_factory=dict)
     roles_done: dict[nn.Module, int] = field(default_factory=dict)
@@ -368,7 +367,7 @@ class ProjectedAccumulator:
 
     def _check_advantages(
         self, advantages: torch.Tensor | None, layout: SequenceLayout
-    ) -> np.ndarray | None:
+    ) -> torch.Tensor | None:
         if advantages is None:
             return None
         if not isinstance(advantages, torch.Tensor):
@@ -399,7 +398,7 @@ class ProjectedAccumulator:
                 f"covered: {self._unprojected}. Freeze them (requires_grad=False) or use loss "
                 "mode (no advantages)."
             )
-        return advantages.detach().double()[layout.ids].cpu().numpy()
+        return advantages.double()[layout.ids]
 
     # ------------------------------------------------------------------ hooks
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -11,24 +11,17 @@ sequence-wise gradients ``g_1 .. g_k`` (``mcb_seq_grads``) and microbatch gradie
 Everything works on the ``k × k`` Gram matrix ``G_ij = ⟨g_i, g_j⟩`` and the inner products
 ``r_i = ⟨g_i, acc⟩``: the projection is ``Σ_i c_i g_i`` for coefficients ``c`` solved here in
 float64, so the sequence gradients themselves are only touched by the layer kernels (to form
-``G``, ``r`` and the final combination ``Σ_i w_i g_i``). The ``k × k`` algebra runs on the host
-in NumPy (``G`` and ``r`` arrive as float64 arrays): a few dozen tiny operations per tensor
-that cost less there than as device operations, and one transfer instead of several syncs.
+``G``, ``r`` and the final combination ``Σ_i w_i g_i``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import numpy as np
 import torch
-from scipy.linalg import solve_triangular
 
 Projection = Literal["exact", "gs2"]
-# (normalized_gram(G), numpy.linalg.eigh(Ĝ) or None): what the projection needs from G.
-Spectrum = tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]
 
 # Eigenvalues of the normalised Gram matrix Ĝ below RANK_RTOL * λ_max count as zero: singular
 # values of the unit sequence gradients below 1e-5 of the largest, about 100 float32 ulps,
@@ -41,24 +34,23 @@ class SequenceGradients(Protocol):
 
     num_sequences: int
 
-    def gram_and_inner(self, acc: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-        """``(G, r)``: ``G: (k, k)`` float64 Gram matrix, ``r: (k,)`` float64 ``⟨g_i, acc⟩``
-        (zeros when ``acc`` is None), as host arrays."""
+    def gram_and_inner(self, acc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G, r)``: ``G: (k, k)`` float64 Gram matrix, ``r: (k,)`` float64 ``⟨g_i, acc⟩``."""
         ...
 
-    def combine(self, weights: np.ndarray) -> torch.Tensor:
-        """``Σ_i weights[i] g_i``, shaped like the tensor. ``weights: (k,)`` float64."""
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:
+        """``Σ_i weights[i] g_i``, shaped like the tensor. ``weights: (k,)``."""
         ...
 
     def plus_combination(
-        self, acc: torch.Tensor, mcb_grad: torch.Tensor | None, weights: np.ndarray
+        self, acc: torch.Tensor, mcb_grad: torch.Tensor | None, weights: torch.Tensor
     ) -> torch.Tensor:
         """A new tensor ``acc + mcb_grad + Σ_i weights[i] g_i`` (``mcb_grad`` None: left out)."""
         ...
 
-    # None, or the spectrum of the ``G`` that ``gram_and_inner`` returned, when it computed
-    # it anyway.
-    spectrum: Spectrum | None
+    # None, or ``(normalized_gram(G), torch.linalg.eigh(Ĝ) or None)`` of the ``G`` that
+    # ``gram_and_inner`` returned, when it computed them anyway.
+    spectrum: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None] | None
 
 
 # Squared norms are summed in float64 over float32 norms of rows of this many elements: as
@@ -87,7 +79,7 @@ def sq_norm(x: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def normalized_gram(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def normalized_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(Ĝ, norms, nonzero)``: the Gram matrix of the unit vectors ``g_i / ‖g_i‖``.
 
     Zero gradients get a zero row and column. The span does not depend on the lengths of the
@@ -95,14 +87,14 @@ def normalized_gram(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     conditioning are judged on ``Ĝ`` (a sequence scaled by a tiny advantage is still a full
     direction of the span).
     """
-    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    norms = gram.diagonal().clamp(min=0).sqrt()
     nonzero = norms > 0
-    safe = np.where(nonzero, norms, 1.0)
-    unit = gram / np.outer(safe, safe)
-    return unit * np.outer(nonzero, nonzero), safe, nonzero
+    safe = torch.where(nonzero, norms, 1.0)
+    unit = gram / (safe[:, None] * safe[None, :])
+    return unit * (nonzero[:, None] & nonzero[None, :]), safe, nonzero
 
 
-def span_coefficients_exact(gram: np.ndarray, inner: np.ndarray) -> np.ndarray:
+def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """``c`` with ``Σ c_i g_i`` the orthogonal projection of ``acc`` onto ``span(g)``.
 
     The note's ``project_to_complement_v1`` (QR), done rank-revealingly on the unit vectors
@@ -111,24 +103,24 @@ def span_coefficients_exact(gram: np.ndarray, inner: np.ndarray) -> np.ndarray:
     linearly dependent and zero sequence gradients are fine.
     """
     normalized = normalized_gram(gram)
-    return _coefficients_exact(normalized, np.linalg.eigh(normalized[0]), inner)
+    return _coefficients_exact(normalized, torch.linalg.eigh(normalized[0]), inner)
 
 
 def _coefficients_exact(
-    normalized: tuple[np.ndarray, np.ndarray, np.ndarray],
-    eigh: tuple[np.ndarray, np.ndarray],
-    inner: np.ndarray,
-) -> np.ndarray:
+    normalized: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    eigh: tuple[torch.Tensor, torch.Tensor],
+    inner: torch.Tensor,
+) -> torch.Tensor:
     _, norms, nonzero = normalized
     eigval, eigvec = eigh
-    keep = eigval > RANK_RTOL * max(eigval.max(initial=0.0), 0.0)
-    inv = np.where(keep, 1.0 / np.where(keep, eigval, 1.0), 0.0)
-    unit_inner = np.where(nonzero, inner / norms, 0.0)
+    keep = eigval > RANK_RTOL * eigval.max().clamp(min=0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, eigval, 1.0), 0.0)
+    unit_inner = torch.where(nonzero, inner / norms, 0.0)
     alpha = eigvec @ (inv * (eigvec.T @ unit_inner))
-    return np.where(nonzero, alpha / norms, 0.0)
+    return torch.where(nonzero, alpha / norms, 0.0)
 
 
-def span_coefficients_gs2(gram: np.ndarray, inner: np.ndarray) -> np.ndarray:
+def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """``c`` with ``Σ c_i g_i`` what the note's ``project_to_complement_v2`` removes.
 
     Two passes of ``for u in U: acc -= ⟨acc, u⟩ u`` over the normalised ``u_i = g_i / ‖g_i‖``.
@@ -140,16 +132,17 @@ def span_coefficients_gs2(gram: np.ndarray, inner: np.ndarray) -> np.ndarray:
 
 
 def _coefficients_gs2(
-    normalized: tuple[np.ndarray, np.ndarray, np.ndarray], inner: np.ndarray
-) -> np.ndarray:
+    normalized: tuple[torch.Tensor, torch.Tensor, torch.Tensor], inner: torch.Tensor
+) -> torch.Tensor:
     unit_gram, safe, nonzero = normalized
-    unit_inner = np.where(nonzero, inner / safe, 0.0)
-    sweep = np.eye(len(inner)) + np.tril(unit_gram, -1)
-    alpha = np.zeros_like(unit_inner)
+    unit_inner = torch.where(nonzero, inner / safe, 0.0)
+    sweep = torch.eye(len(inner), dtype=unit_gram.dtype, device=unit_gram.device)
+    sweep = sweep + unit_gram.tril(-1)
+    alpha = torch.zeros_like(unit_inner)
     for _ in range(2):
         residual = unit_inner - unit_gram @ alpha
-        alpha = alpha + solve_triangular(sweep, residual, lower=True, unit_diagonal=True)
-    return np.where(nonzero, alpha / safe, 0.0)
+        alpha = alpha + torch.linalg.solve_triangular(sweep, residual[:, None], upper=False)[:, 0]
+    return torch.where(nonzero, alpha / safe, 0.0)
 
 
 SPAN_COEFFICIENTS = {"exact": span_coefficients_exact, "gs2": span_coefficients_gs2}
@@ -157,34 +150,34 @@ SPAN_COEFFICIENTS = {"exact": span_coefficients_exact, "gs2": span_coefficients_
 
 @dataclass
 class UpdateInfo:
-    """Diagnostics of one tensor's update."""
+    """Diagnostics of one tensor's update (0-d float64 tensors; no host sync needed)."""
 
     num_sequences: int
-    rank: int
-    acc_norm: float
-    removed_norm: float
-    clamp_bound: bool
-    mcb_norm: float
+    rank: torch.Tensor
+    acc_norm: torch.Tensor
+    removed_norm: torch.Tensor
+    clamp_bound: torch.Tensor
+    mcb_norm: torch.Tensor
 
 
-def _rank(eigval: np.ndarray) -> int:
+def _rank(eigval: torch.Tensor) -> torch.Tensor:
     """Dimension of ``span(g)``: eigenvalues of ``Ĝ`` above ``RANK_RTOL · λ_max``."""
-    return int((eigval > RANK_RTOL * max(eigval.max(initial=0.0), 0.0)).sum())
+    return (eigval > RANK_RTOL * eigval.max().clamp(min=0)).sum()
 
 
 def _span_coefficients_and_rank(
     projection: Projection,
-    gram: np.ndarray,
-    inner: np.ndarray,
-    spectrum: Spectrum | None,
-) -> tuple[np.ndarray, int]:
+    gram: torch.Tensor,
+    inner: torch.Tensor,
+    spectrum: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``SPAN_COEFFICIENTS[projection](gram, inner)`` and the dimension of ``span(g)``, with
     one eigendecomposition of ``Ĝ`` serving both (or the one the sequence gradients computed)."""
     normalized, eigh = spectrum or (normalized_gram(gram), None)
     if projection == "exact":
-        eigh = eigh or np.linalg.eigh(normalized[0])
+        eigh = eigh or torch.linalg.eigh(normalized[0])
         return _coefficients_exact(normalized, eigh, inner), _rank(eigh[0])
-    eigval = eigh[0] if eigh else np.linalg.eigvalsh(normalized[0])
+    eigval = eigh[0] if eigh else torch.linalg.eigvalsh(normalized[0])
     return _coefficients_gs2(normalized, inner), _rank(eigval)
 
 
@@ -196,7 +189,7 @@ def accumulate_proma(
     projection: Projection,
     clamp: float | None,
     strength: float,
-    advantages: np.ndarray | None = None,
+    advantages: torch.Tensor | None = None,
     world: int = 1,
 ) -> tuple[torch.Tensor, UpdateInfo | None]:
     """The new running gradient ``acc - strength · clamp(P_span(acc)) + g`` of one tensor.
@@ -217,10 +210,10 @@ def accumulate_proma(
     """
     gram, inner = seq_grads.gram_and_inner(acc)  # G_ij = ⟨g_i, g_j⟩, r_i = ⟨g_i, acc⟩
     if advantages is None:
-        mcb_norm = math.sqrt(float(sq_norm(mcb_grad)))
+        mcb_norm = sq_norm(mcb_grad).sqrt()
         mcb_weights = None
     else:
-        mcb_norm = math.sqrt(max(float(advantages @ gram @ advantages), 0.0))
+        mcb_norm = (advantages @ gram @ advantages).clamp(min=0).sqrt()
         mcb_weights = advantages
     if acc is None:
         if advantages is None:
@@ -228,12 +221,11 @@ def accumulate_proma(
         return seq_grads.combine(advantages), None
 
     coeffs, rank = _span_coefficients_and_rank(projection, gram, inner, seq_grads.spectrum)
-    proj_norm = math.sqrt(max(float(coeffs @ gram @ coeffs), 0.0))
-    scale = 1.0
+    proj_norm = (coeffs @ gram @ coeffs).clamp(min=0).sqrt()
+    scale = torch.ones_like(proj_norm)
     if clamp is not None:
         bound = clamp * mcb_norm / world
-        if proj_norm > bound:
-            scale = bound / max(proj_norm, 1e-300)
+        scale = torch.where(proj_norm > bound, bound / proj_norm.clamp(min=1e-300), scale)
     removed = world * strength * scale * coeffs
     weights = -removed if mcb_weights is None else mcb_weights - removed
     # complemented_acc_grad + mcb_policy_grad, with both combinations done in one pass.
@@ -241,7 +233,7 @@ def accumulate_proma(
     info = UpdateInfo(
         num_sequences=seq_grads.num_sequences,
         rank=rank,
-        acc_norm=math.sqrt(float(sq_norm(acc))),
+        acc_norm=sq_norm(acc).sqrt(),
         removed_norm=world * strength * scale * proj_norm,
         clamp_bound=scale < 1,
         mcb_norm=mcb_norm,

@@ -17,17 +17,15 @@ for the check: only the other uses' (an embedding's touched rows) are formed and
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from ._kernels import Kernel
 from ._layout import TokenSegments
 from ._memory import BufferPool
-from ._proma import Spectrum, normalized_gram, sq_norm
+from ._proma import normalized_gram, sq_norm
 
 _GRAM_BLOCK_BYTES = 8 * 2**20
 _CHECK_BLOCK_BYTES = 2**20
@@ -156,10 +154,14 @@ class TensorSequenceGradients:
         starts = range(0, n_rows, per_chunk)
         self.chunks = [self._chunk(a, min(a + per_chunk, n_rows)) for a in starts]
         self._kept: torch.Tensor | None = None
-        # normalized_gram(G) and numpy.linalg.eigh(Ĝ) (None when some g_i is zero) of the G
+        # normalized_gram(G) and torch.linalg.eigh(Ĝ) (None when some g_i is zero) of the G
         # that gram_and_inner returned, for the projection to reuse.
-        self.spectrum: Spectrum | None = None
-        self._gram = np.zeros((num_sequences, num_sequences))
+        self.spectrum: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None] | None = (
+            None
+        )
+        self._gram = torch.zeros(
+            num_sequences, num_sequences, dtype=torch.float64, device=param.device
+        )
         # Check by subtracting the fused uses' returned sums (see the module docstring) when
         # every fused use has one and the other uses say which rows they touch.
         fused = [u for u in uses if u.precomputed is not None]
@@ -222,13 +224,13 @@ class TensorSequenceGradients:
         normalized = normalized_gram(gram)
         unit_gram, _, nonzero = normalized
         eigh = None
-        if nonzero.all():
-            eigh = np.linalg.eigh(unit_gram)  # the projection needs it too
+        if bool(nonzero.all()):
+            eigh = torch.linalg.eigh(unit_gram)  # the projection needs it too
             eigval = eigh[0]
         else:
-            eigval = np.linalg.eigvalsh(unit_gram[nonzero][:, nonzero])
+            eigval = torch.linalg.eigvalsh(unit_gram[nonzero][:, nonzero])
         self.spectrum = (normalized, eigh)
-        if eigval.size and eigval[0] * _FP32_GRAM_MAX_CONDITION < eigval[-1]:
+        if eigval.numel() and bool(eigval[0] * _FP32_GRAM_MAX_CONDITION < eigval[-1]):
             gram, inner = self._pass(acc, precise=True, check=False)
             self.spectrum = None
         self._gram = gram
@@ -236,7 +238,7 @@ class TensorSequenceGradients:
 
     def _pass(
         self, acc: torch.Tensor | None, precise: bool, check: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.num_sequences
         # Partial results of the blocks, summed in float64 at the end.
         grams: list[torch.Tensor] = []
@@ -280,8 +282,7 @@ class TensorSequenceGradients:
                 outside = sq_norm(_untouched(self.autograd_grad, self.rows))
                 mismatch, total = mismatch + outside, total + outside
             self._check(mismatch, total)
-        gram, inner = _sum_parts(grams, (k, k), device), _sum_parts(inners, (k,), device)
-        return gram.cpu().numpy(), inner.cpu().numpy()
+        return _sum_parts(grams, (k, k), device), _sum_parts(inners, (k,), device)
 
     def _check_remainder(self) -> None:
         """The check with the fused uses' returned sums subtracted from autograd's gradient:
@@ -341,7 +342,7 @@ class TensorSequenceGradients:
                 "module itself, or exclude the parameter with exclude=[...]."
             )
 
-    def combine(self, weights: np.ndarray) -> torch.Tensor:
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:
         """``Σ_i w_i g_i``; in float32 unless cancellation would cost accuracy.
 
         The cancellation factor ``κ = Σ_i |w_i| ‖g_i‖ / ‖Σ_i w_i g_i‖`` (from the Gram matrix)
@@ -354,7 +355,7 @@ class TensorSequenceGradients:
         return self._combine_into(out, weights, add=False)
 
     def plus_combination(
-        self, acc: torch.Tensor, mcb_grad: torch.Tensor | None, weights: np.ndarray
+        self, acc: torch.Tensor, mcb_grad: torch.Tensor | None, weights: torch.Tensor
     ) -> torch.Tensor:
         """A new tensor ``acc + mcb_grad + Σ_i w_i g_i`` (``mcb_grad`` None: left out).
 
@@ -368,13 +369,13 @@ class TensorSequenceGradients:
             base = acc.to(self.dtype) + mcb_grad.to(self.dtype)
         return self._combine_into(base, weights, add=True)
 
-    def _combine_into(self, out: torch.Tensor, weights: np.ndarray, add: bool) -> torch.Tensor:
+    def _combine_into(self, out: torch.Tensor, weights: torch.Tensor, add: bool) -> torch.Tensor:
         k = self.num_sequences
+        w = weights.to(torch.float64)
         gram = self._gram
-        spread = float(np.abs(weights) @ np.sqrt(np.clip(np.diag(gram), 0.0, None)))
-        norm = math.sqrt(max(float(weights @ gram @ weights), 0.0))
-        exact = spread > _FP32_MAX_CANCELLATION * norm
-        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64)).to(out.device)
+        spread = (w.abs() * gram.diagonal().clamp(min=0).sqrt()).sum()
+        norm = (w @ gram @ w).clamp(min=0).sqrt()
+        exact = bool(spread > _FP32_MAX_CANCELLATION * norm)
         for rows in self.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
             self._kept = None

@@ -9,12 +9,14 @@ Per group (the layer kind: ``linear``, ``embedding``, ... or ``all``):
 * ``rank``: mean numerical rank of the sequence gradients, per tensor;
 * ``updates``: number of projected tensor updates.
 
-Values are summed per microbatch as host floats.
+Values are kept as device tensors during the backward and turned into floats on request.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+
+import torch
 
 from ._proma import UpdateInfo
 
@@ -25,8 +27,8 @@ class StatsRecorder:
     def __init__(self) -> None:
         self.microbatches = 0
         self.steps = 0
-        self._step: dict[str, dict[str, float]] = {}
-        self._last: dict[str, dict[str, float]] = {}
+        self._step: dict[str, dict[str, torch.Tensor | float]] = {}
+        self._last: dict[str, dict[str, torch.Tensor | float]] = {}
         # This microbatch's updates, summed into the tables in one go (a handful of tensor
         # ops per group instead of a dozen per tensor update).
         self._pending: list[tuple[str, UpdateInfo]] = []
@@ -70,10 +72,10 @@ class StatsRecorder:
             groups["all"].append(info)
         for key, infos in groups.items():
             sums = {
-                "acc_sq": sum(i.acc_norm**2 for i in infos),
-                "removed_sq": sum(i.removed_norm**2 for i in infos),
-                "clamped": sum(float(i.clamp_bound) for i in infos),
-                "rank": sum(float(i.rank) for i in infos),
+                "acc_sq": torch.stack([i.acc_norm for i in infos]).square().sum(),
+                "removed_sq": torch.stack([i.removed_norm for i in infos]).square().sum(),
+                "clamped": torch.stack([i.clamp_bound for i in infos]).double().sum(),
+                "rank": torch.stack([i.rank for i in infos]).double().sum(),
                 "sequences": sum(i.num_sequences for i in infos),
                 "updates": len(infos),
             }
@@ -93,7 +95,7 @@ class StatsRecorder:
         }
 
 
-def _summarise(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+def _summarise(table: dict[str, dict[str, torch.Tensor | float]]) -> dict[str, dict[str, float]]:
     out = {}
     for group, row in sorted(table.items()):
         vals = {k: float(row[k]) for k in _FIELDS}
