@@ -207,7 +207,7 @@ def standard_workloads() -> dict[str, Workload]:
         description="4 microbatches x 8 sequences x 256 tokens",
         seq_len=256,
         seqs=8,
-        rounds=3,
+        rounds=5,
     )
     return {
         "default": default,
