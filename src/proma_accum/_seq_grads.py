@@ -12,7 +12,8 @@ hooked layers (a fused LM head, a penalty on the weights) and raises instead of 
 incomplete per-sequence data. Uses whose weight gradient autograd received from the fused
 backward (``Use.returned``, the sum of their per-sequence gradients) are subtracted from that
 gradient instead of being summed again, so a tied LM head's per-sequence gradients are not read
-for the check: only the other uses' (an embedding's touched rows) are formed and compared.
+for the check: the rest is compared with the other uses' gradient (an embedding's, on the rows
+its ids touch), formed without the per-sequence split (``Kernel.grad_sum``).
 """
 
 from __future__ import annotations
@@ -214,7 +215,9 @@ class TensorSequenceGradients:
         ``λ_min(Ĝ) < λ_max(Ĝ) / _FP32_GRAM_MAX_CONDITION`` (nearly dependent or repeated
         sequences) ``G`` and ``r`` are formed again in float64, so the rank decision and the
         projection stay exact. The same pass checks
-        ``‖Σ_i S_i − g‖`` (padding row included) against autograd's gradient ``g``.
+        ``‖Σ_i S_i − g‖`` (padding row included) against autograd's gradient ``g``, unless
+        the tensor has fused uses (then :meth:`_check_remainder` checks it without reading
+        their per-sequence gradients).
         """
         check = self.check_rtol is not None
         if check and self._check_by_remainder:
@@ -293,7 +296,7 @@ class TensorSequenceGradients:
         (a temporary of the tensor's size would be mapped afresh and page-fault).
         """
         grad = self.autograd_grad
-        fused = [u.returned for u in self.uses if u.precomputed is not None]
+        fused = [u.returned for u in self.uses if u.returned is not None]
         others = [u for u in self.uses if u.precomputed is None]
         device = grad.device
         rows = torch.empty(0, dtype=torch.long, device=device)
@@ -310,7 +313,7 @@ class TensorSequenceGradients:
             assert isinstance(residual, torch.Tensor)
             residual -= grad[rows].to(self.dtype)
             for returned in fused:
-                residual += returned[rows].to(self.dtype)  # type: ignore[index]
+                residual += returned[rows].to(self.dtype)
             mismatch = sq_norm(residual)
         # Rows no other use touched: autograd's gradient minus the fused sums must be zero.
         n, row_numel = grad.shape[0], grad[0].numel()  # fused uses are Linear-like: dim >= 1
@@ -323,7 +326,7 @@ class TensorSequenceGradients:
             rest = buffer[: b - a]
             rest.copy_(grad[a:b])
             for returned in fused:
-                rest -= returned[a:b]  # type: ignore[index]
+                rest -= returned[a:b]
             rest.index_fill_(0, rows[starts[i] : starts[i + 1]] - a, 0)
             mismatch = mismatch + sq_norm(rest)
         self._check(mismatch, sq_norm(grad))
