@@ -260,6 +260,27 @@ def test_penalty_on_a_tied_fused_head_is_detected(gen, monkeypatch, rows):
     assert ("embed.weight", False) in passes and ("embed.weight", True) not in passes
 
 
+def test_penalty_on_a_weight_with_two_fused_uses_is_detected(gen):
+    """A Linear applied twice: both fused sums are subtracted from autograd's gradient, and a
+    penalty on the weight is what is left."""
+    from test_reference_equivalence import SharedLinearLM
+
+    torch.manual_seed(0)
+    model = SharedLinearLM()
+    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=23)
+    with ProjectedAccumulator(model) as acc:
+        with acc.microbatch(mbs[0]["seq_ids"]):
+            toy_sequence_losses(model, mbs[0]).sum().backward()
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+        with pytest.raises(RuntimeError, match="penalty term"):
+            with acc.microbatch(mbs[1]["seq_ids"]):
+                loss = toy_sequence_losses(model, mbs[1]).sum()
+                (loss + 1e-2 * model.proj.weight.square().sum()).backward()
+        assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+        with acc.microbatch(mbs[1]["seq_ids"]):  # without the penalty: fine
+            toy_sequence_losses(model, mbs[1]).sum().backward()
+
+
 def test_fused_head_error_untied(gen):
     torch.manual_seed(0)
     model = ToyLM(tied=False)

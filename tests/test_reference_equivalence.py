@@ -187,3 +187,32 @@ def test_embedding_microbatch_of_padding_idx_only(gen):
     expected = reference_accumulate(model, mbs, toy_sequence_losses)
     run_accumulator(model, mbs, toy_sequence_losses)
     assert_grads_close(model, expected, rtol=2e-5, atol=1e-7)
+
+
+class SharedLinearLM(torch.nn.Module):
+    """One Linear applied twice per forward (weight sharing across depth) and a tied head: the
+    shared weight has two fused uses, the tied one a fused use and an embedding use."""
+
+    def __init__(self, vocab: int = 23, d: int = 6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.proj = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(self.embed(input_ids)))
+        return self.head(torch.tanh(self.proj(h)))
+
+
+@pytest.mark.parametrize("projection", ["exact", "gs2"])
+def test_weight_used_twice_matches_reference(projection, gen):
+    torch.manual_seed(0)
+    model = SharedLinearLM()
+    mbs = row_microbatches(gen, 3, rows=4, length=5, vocab=23)
+    expected = reference_accumulate(
+        model, mbs, toy_sequence_losses, projection=projection, clamp=0.5
+    )
+    acc = run_accumulator(model, mbs, toy_sequence_losses, projection=projection, clamp=0.5)
+    assert sorted(acc.projected_parameters()) == sorted(expected)
+    assert_grads_close(model, expected, rtol=2e-5, atol=1e-7)
