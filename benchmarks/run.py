@@ -396,11 +396,17 @@ def _fmt(x, spec: str, scale: float = 1.0) -> str:
     return "n/a" if x is None else format(x / scale, spec)
 
 
+def _ratio_range(ratios: list[float]) -> str:
+    """``min–max`` of the per-round ratios ("" for fewer than two rounds)."""
+    return f"{min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else ""
+
+
 def format_table(results: dict) -> str:
     """Markdown table of a results dictionary (as written to JSON)."""
     lines = [
         f"{results['threads']} thread(s). Time: median over R paired rounds of variant/plain "
-        "step time (in brackets: best variant time / best plain time); each variant-round in "
+        "step time (in brackets: best variant time / best plain time; range: the smallest and "
+        "largest per-round ratio when R > 1); each variant-round in "
         "a fresh process after a warm-up step. Other load: the largest share of the CPUs "
         "used by other processes during a timed step. Memory: peak live bytes of tensors "
         "created during a step (TorchDispatchMode tracking, first "
@@ -408,9 +414,9 @@ def format_table(results: dict) -> str:
         "variant - plain; target = 1.5 x k x largest projected tensor (fp32). RSS: peak "
         "resident set size of the process (coarse).",
         "",
-        "| workload | variant | time vs plain | s/step | other load | peak tensor MiB "
+        "| workload | variant | time vs plain | range | s/step | other load | peak tensor MiB "
         "| extra MiB | target MiB | extra/target | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for wl in results["workloads"]:
@@ -422,12 +428,13 @@ def format_table(results: dict) -> str:
         for v in wl["variants"]:
             if v["status"] != "ok":
                 why = v["reason"] if v["status"] == "unsupported" else "; ".join(v["errors"])
-                lines.append(f"| {label} | {v['name']} | {v['status']} | | | | | | | |")
+                lines.append(f"| {label} | {v['name']} | {v['status']} | | | | | | | | |")
                 notes.append(f"{wl['name']} / {v['name']}: {why}")
                 continue
             lines.append(
                 f"| {label} | {v['name']} | {_fmt(v['ratio_vs_plain'], '.2f')} "
                 f"({_fmt(v['best_ratio_vs_plain'], '.2f')}) "
+                f"| {_ratio_range(v.get('ratios', []))} "
                 f"| {_fmt(v['median_s'], '.2f')} "
                 f"| {_fmt(v['max_other_load'], '.0%')} "
                 f"| {_fmt(v.get('peak_tensor_bytes'), '.0f', MiB)} "

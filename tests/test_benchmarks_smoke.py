@@ -42,7 +42,7 @@ def test_quick_benchmark_writes_wellformed_json(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "| workload | variant |" in proc.stdout
+    assert "| workload | variant | time vs plain | range |" in proc.stdout
 
     data = json.loads(out.read_text())
     assert json.loads(saved.read_text()) == data
@@ -111,6 +111,13 @@ def test_baselines_compute_what_the_library_computes(workload):
         assert rel("opacus-materialised", "proma-exact", every) < 1e-4
     assert rel("loop-style", "proma-gs2", linear) < 1e-4
     assert torch.isfinite(torch.stack([g.norm() for g in grads["loop-style"].values()])).all()
+
+
+def test_ratio_range_column():
+    from benchmarks.run import _ratio_range
+
+    assert _ratio_range([1.2, 1.05, 1.31]) == "1.05–1.31"
+    assert _ratio_range([1.2]) == ""  # one round: no range
 
 
 def test_help_and_list():
