@@ -166,12 +166,17 @@ class TensorSequenceGradients:
         # Check by subtracting the fused uses' returned sums (see the module docstring) when
         # every fused use has one and the other uses say which rows they touch.
         fused = [u for u in uses if u.precomputed is not None]
+        other_rows = [t for u, t in zip(uses, touched, strict=True) if u.precomputed is None]
         self._check_by_remainder = (
             bool(fused)
             and all(u.returned is not None for u in fused)
-            and all(
-                t is not None for u, t in zip(uses, touched, strict=True) if u.precomputed is None
-            )
+            and all(t is not None for t in other_rows)
+        )
+        # The rows the other uses touch (sorted), for the remainder check.
+        self._other_rows = (
+            torch.unique(torch.cat(other_rows))  # type: ignore[arg-type]
+            if self._check_by_remainder and other_rows
+            else torch.empty(0, dtype=torch.long, device=param.device)
         )
 
     def _chunk(self, start: int, stop: int) -> slice | torch.Tensor:
@@ -299,12 +304,9 @@ class TensorSequenceGradients:
         fused = [u.returned for u in self.uses if u.returned is not None]
         others = [u for u in self.uses if u.precomputed is None]
         device = grad.device
-        rows = torch.empty(0, dtype=torch.long, device=device)
+        rows = self._other_rows
         mismatch = torch.zeros((), dtype=torch.float64, device=device)
         if others:
-            rows = torch.unique(
-                torch.cat([u.kernel.touched_rows(u.module, u.role, u.x) for u in others])
-            )
             # Σ_i S_i of the other uses, formed without the per-sequence split.
             residual = sum(
                 u.kernel.grad_sum(u.module, u.role, u.x, u.grad_out, u.seg, rows, self.dtype)
