@@ -53,45 +53,48 @@ class SequenceGradients(Protocol):
     spectrum: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None] | None
 
 
-# Squared norms are summed in float64 over float32 norms of rows of this many elements: as
-# accurate as a float64 reduction in practice, without a float64 copy of the tensor. Up to
-# _NORM_SMALL elements the float64 copy is cheaper than the extra ops.
+# Norms are reduced in float64 over float32 norms of rows of this many elements: as accurate
+# as a float64 reduction in practice, without a float64 copy of the tensor. Up to _NORM_SMALL
+# elements the float64 copy is cheaper than the extra ops.
 _NORM_ROW = 256
 _NORM_SMALL = 4096
 
 
 def sq_norm(x: torch.Tensor) -> torch.Tensor:
-    """``‖x‖²`` as a 0-d float64 tensor.
+    """``‖x‖²`` as a 0-d float64 tensor (see :func:`norm`)."""
+    return norm(x).square()
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """``‖x‖`` as a 0-d float64 tensor.
 
     Each row of ``_NORM_ROW`` elements is reduced in ``x``'s compute dtype (relative error about
-    one rounding of that dtype) and the squares are summed in float64, so no float64 copy of a
-    large ``x`` is made (that copy costs ~20x the reduction).
+    one rounding of that dtype) and the row norms in float64, so no float64 copy of a large
+    ``x`` is made (that copy costs ~20x the reduction).
     """
     flat = x.reshape(-1)
-    head = flat.numel() - flat.numel() % _NORM_ROW
     if flat.numel() <= _NORM_SMALL or x.dtype == torch.float64:
-        return torch.linalg.vector_norm(flat, dtype=torch.float64) ** 2
+        return torch.linalg.vector_norm(flat, dtype=torch.float64)
+    head = flat.numel() - flat.numel() % _NORM_ROW
     dtype = torch.promote_types(x.dtype, torch.float32)
     rows = torch.linalg.vector_norm(flat[:head].view(-1, _NORM_ROW), dim=1, dtype=dtype)
-    total = rows.double().square().sum()
     if head < flat.numel():
-        total = total + torch.linalg.vector_norm(flat[head:], dtype=torch.float64) ** 2
-    return total
+        rows = torch.cat([rows, torch.linalg.vector_norm(flat[head:], dtype=dtype)[None]])
+    return torch.linalg.vector_norm(rows, dtype=torch.float64)
 
 
 def normalized_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Ĝ, norms, nonzero)``: the Gram matrix of the unit vectors ``g_i / ‖g_i‖``.
+    """``(Ĝ, inv_norms, nonzero)``: the Gram matrix of the unit vectors ``g_i / ‖g_i‖``.
 
-    Zero gradients get a zero row and column. The span does not depend on the lengths of the
-    ``g_i``, and each ``g_i`` is known to its own relative precision, so rank decisions and
-    conditioning are judged on ``Ĝ`` (a sequence scaled by a tiny advantage is still a full
-    direction of the span).
+    ``inv_norms_i = 1 / ‖g_i‖``, and 0 for a zero ``g_i``, whose row and column of ``Ĝ`` are
+    then zero. The span does not depend on the lengths of the ``g_i``, and each ``g_i`` is
+    known to its own relative precision, so rank decisions and conditioning are judged on
+    ``Ĝ`` (a sequence scaled by a tiny advantage is still a full direction of the span).
     """
-    norms = gram.diagonal().clamp(min=0).sqrt()
+    norms = gram.diagonal().sqrt()  # sums of squares: never negative
     nonzero = norms > 0
-    safe = torch.where(nonzero, norms, 1.0)
-    unit = gram / (safe[:, None] * safe[None, :])
-    return unit * (nonzero[:, None] & nonzero[None, :]), safe, nonzero
+    inv_norms = torch.where(nonzero, norms.reciprocal(), 0.0)
+    return gram * torch.outer(inv_norms, inv_norms), inv_norms, nonzero
 
 
 def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
@@ -103,21 +106,21 @@ def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Te
     linearly dependent and zero sequence gradients are fine.
     """
     normalized = normalized_gram(gram)
-    return _coefficients_exact(normalized, torch.linalg.eigh(normalized[0]), inner)
+    eigval, eigvec = torch.linalg.eigh(normalized[0])
+    return _coefficients_exact(normalized, eigvec, _kept(eigval), eigval, inner)
 
 
 def _coefficients_exact(
     normalized: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    eigh: tuple[torch.Tensor, torch.Tensor],
+    eigvec: torch.Tensor,
+    kept: torch.Tensor,
+    eigval: torch.Tensor,
     inner: torch.Tensor,
 ) -> torch.Tensor:
-    _, norms, nonzero = normalized
-    eigval, eigvec = eigh
-    keep = eigval > RANK_RTOL * eigval.max().clamp(min=0)
-    inv = torch.where(keep, 1.0 / torch.where(keep, eigval, 1.0), 0.0)
-    unit_inner = torch.where(nonzero, inner / norms, 0.0)
-    alpha = eigvec @ (inv * (eigvec.T @ unit_inner))
-    return torch.where(nonzero, alpha / norms, 0.0)
+    _, inv_norms, _ = normalized
+    inv = torch.where(kept, eigval.reciprocal(), 0.0)
+    alpha = eigvec @ (inv * (eigvec.T @ (inner * inv_norms)))
+    return alpha * inv_norms
 
 
 def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
@@ -134,15 +137,14 @@ def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tens
 def _coefficients_gs2(
     normalized: tuple[torch.Tensor, torch.Tensor, torch.Tensor], inner: torch.Tensor
 ) -> torch.Tensor:
-    unit_gram, safe, nonzero = normalized
-    unit_inner = torch.where(nonzero, inner / safe, 0.0)
-    sweep = torch.eye(len(inner), dtype=unit_gram.dtype, device=unit_gram.device)
-    sweep = sweep + unit_gram.tril(-1)
-    alpha = torch.zeros_like(unit_inner)
-    for _ in range(2):
-        residual = unit_inner - unit_gram @ alpha
-        alpha = alpha + torch.linalg.solve_triangular(sweep, residual[:, None], upper=False)[:, 0]
-    return torch.where(nonzero, alpha / safe, 0.0)
+    unit_gram, inv_norms, _ = normalized
+    unit_inner = inner * inv_norms
+    sweep = unit_gram.tril(-1)
+    sweep.diagonal().fill_(1.0)  # I + L
+    alpha = torch.linalg.solve_triangular(sweep, unit_inner[:, None], upper=False)  # 1st pass
+    residual = unit_inner[:, None] - unit_gram @ alpha
+    alpha += torch.linalg.solve_triangular(sweep, residual, upper=False)  # 2nd pass
+    return alpha[:, 0] * inv_norms
 
 
 SPAN_COEFFICIENTS = {"exact": span_coefficients_exact, "gs2": span_coefficients_gs2}
@@ -160,9 +162,10 @@ class UpdateInfo:
     mcb_norm: torch.Tensor
 
 
-def _rank(eigval: torch.Tensor) -> torch.Tensor:
-    """Dimension of ``span(g)``: eigenvalues of ``Ĝ`` above ``RANK_RTOL · λ_max``."""
-    return (eigval > RANK_RTOL * eigval.max().clamp(min=0)).sum()
+def _kept(eigval: torch.Tensor) -> torch.Tensor:
+    """Which eigenvalues of ``Ĝ`` (ascending, as ``eigh`` returns them) count as nonzero:
+    those above ``RANK_RTOL · λ_max``; their number is the dimension of ``span(g)``."""
+    return eigval > RANK_RTOL * eigval[-1].clamp(min=0)
 
 
 def _span_coefficients_and_rank(
@@ -175,10 +178,11 @@ def _span_coefficients_and_rank(
     one eigendecomposition of ``Ĝ`` serving both (or the one the sequence gradients computed)."""
     normalized, eigh = spectrum or (normalized_gram(gram), None)
     if projection == "exact":
-        eigh = eigh or torch.linalg.eigh(normalized[0])
-        return _coefficients_exact(normalized, eigh, inner), _rank(eigh[0])
+        eigval, eigvec = eigh or torch.linalg.eigh(normalized[0])
+        kept = _kept(eigval)
+        return _coefficients_exact(normalized, eigvec, kept, eigval, inner), kept.sum()
     eigval = eigh[0] if eigh else torch.linalg.eigvalsh(normalized[0])
-    return _coefficients_gs2(normalized, inner), _rank(eigval)
+    return _coefficients_gs2(normalized, inner), _kept(eigval).sum()
 
 
 def accumulate_proma(
@@ -210,10 +214,10 @@ def accumulate_proma(
     """
     gram, inner = seq_grads.gram_and_inner(acc)  # G_ij = ⟨g_i, g_j⟩, r_i = ⟨g_i, acc⟩
     if advantages is None:
-        mcb_norm = sq_norm(mcb_grad).sqrt()
+        mcb_norm = norm(mcb_grad)
         mcb_weights = None
     else:
-        mcb_norm = (advantages @ gram @ advantages).clamp(min=0).sqrt()
+        mcb_norm = (advantages @ (gram @ advantages)).clamp(min=0).sqrt()
         mcb_weights = advantages
     if acc is None:
         if advantages is None:
@@ -221,21 +225,26 @@ def accumulate_proma(
         return seq_grads.combine(advantages), None
 
     coeffs, rank = _span_coefficients_and_rank(projection, gram, inner, seq_grads.spectrum)
-    proj_norm = (coeffs @ gram @ coeffs).clamp(min=0).sqrt()
-    scale = torch.ones_like(proj_norm)
-    if clamp is not None:
-        bound = clamp * mcb_norm / world
-        scale = torch.where(proj_norm > bound, bound / proj_norm.clamp(min=1e-300), scale)
-    removed = world * strength * scale * coeffs
-    weights = -removed if mcb_weights is None else mcb_weights - removed
-    # complemented_acc_grad + mcb_policy_grad, with both combinations done in one pass.
+    proj_norm = (coeffs @ (gram @ coeffs)).clamp(min=0).sqrt()
+    if clamp is None:
+        scale = torch.ones_like(proj_norm)
+        clamped = torch.zeros_like(proj_norm, dtype=torch.bool)
+    else:
+        bound = mcb_norm * (clamp / world)
+        scale = (bound / proj_norm.clamp(min=1e-300)).clamp(max=1.0)
+        clamped = proj_norm > bound
+    # The weights of the g_i in complemented_acc_grad + mcb_policy_grad - acc.
+    weights = coeffs * (scale * (-world * strength))
+    if mcb_weights is not None:
+        weights += mcb_weights
+    # Both combinations done in one pass.
     new = seq_grads.plus_combination(acc, mcb_grad if advantages is None else None, weights)
     info = UpdateInfo(
         num_sequences=seq_grads.num_sequences,
         rank=rank,
-        acc_norm=sq_norm(acc).sqrt(),
-        removed_norm=world * strength * scale * proj_norm,
-        clamp_bound=scale < 1,
+        acc_norm=norm(acc),
+        removed_norm=scale * proj_norm * (world * strength),
+        clamp_bound=clamped,
         mcb_norm=mcb_norm,
     )
     return new, info

@@ -160,9 +160,7 @@ class TensorSequenceGradients:
         self.spectrum: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None] | None = (
             None
         )
-        self._gram = torch.zeros(
-            num_sequences, num_sequences, dtype=torch.float64, device=param.device
-        )
+        self._gram: torch.Tensor | None = None  # G, once gram_and_inner formed it
         # Check by subtracting the fused uses' returned sums (see the module docstring) when
         # every fused use has one and the other uses say which rows they touch.
         fused = [u for u in uses if u.precomputed is not None]
@@ -173,11 +171,13 @@ class TensorSequenceGradients:
             and all(t is not None for t in other_rows)
         )
         # The rows the other uses touch (sorted), for the remainder check.
-        self._other_rows = (
-            torch.unique(torch.cat(other_rows))  # type: ignore[arg-type]
-            if self._check_by_remainder and other_rows
-            else torch.empty(0, dtype=torch.long, device=param.device)
-        )
+        self._other_rows: torch.Tensor | None = None
+        if self._check_by_remainder:
+            self._other_rows = (
+                torch.unique(torch.cat(other_rows))  # type: ignore[arg-type]
+                if other_rows
+                else torch.empty(0, dtype=torch.long, device=param.device)
+            )
 
     def _chunk(self, start: int, stop: int) -> slice | torch.Tensor:
         return slice(start, stop) if self.rows is None else self.rows[start:stop]
@@ -305,6 +305,7 @@ class TensorSequenceGradients:
         others = [u for u in self.uses if u.precomputed is None]
         device = grad.device
         rows = self._other_rows
+        assert rows is not None
         mismatch = torch.zeros((), dtype=torch.float64, device=device)
         if others:
             # Σ_i S_i of the other uses, formed without the per-sequence split.
@@ -378,9 +379,10 @@ class TensorSequenceGradients:
         k = self.num_sequences
         w = weights.to(torch.float64)
         gram = self._gram
-        spread = (w.abs() * gram.diagonal().clamp(min=0).sqrt()).sum()
-        norm = (w @ gram @ w).clamp(min=0).sqrt()
-        exact = bool(spread > _FP32_MAX_CANCELLATION * norm)
+        assert gram is not None, "gram_and_inner() forms G before any combination"
+        # κ > _FP32_MAX_CANCELLATION, compared squared: (Σ|w_i| ‖g_i‖)² > κ_max² ‖Σ w_i g_i‖².
+        spread = w.abs() @ gram.diagonal().sqrt()
+        exact = bool(spread.square() > _FP32_MAX_CANCELLATION**2 * (w @ (gram @ w)))
         for rows in self.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
             self._kept = None
