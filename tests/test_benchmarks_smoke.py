@@ -172,3 +172,56 @@ def test_floor_cli_quick():
     kernels = float(proc.stdout.split("GEMMs, i.e. **")[1].split("×**")[0])
     assert kernels > 1.0
     assert "measured proma-exact" in proc.stdout
+
+
+def test_attribution_groups_aten_self_times_per_step():
+    """ATen operators are grouped by category and divided by the step count; other events
+    (autograd nodes, engine scopes) are not counted, their time is what remains of the step."""
+    from benchmarks.attribute import OTHER_OPS, OUTSIDE, category, summarise
+
+    bmm, gemm = category("aten::bmm"), category("aten::mm")
+    assert bmm != gemm and category("aten::frobnicate") == OTHER_OPS
+    events = [
+        ("aten::bmm", 0.4, 6),
+        ("aten::mm", 0.2, 4),
+        ("aten::addmm", 0.2, 2),
+        ("aten::frobnicate", 0.1, 10),
+        ("SequenceGradientGEMMBackward", 0.5, 6),  # not an ATen operator
+    ]
+    prof = summarise(events, wall_s=2.0, steps=2)
+    assert prof.wall_s == pytest.approx(1.0)
+    assert prof.seconds[bmm] == pytest.approx(0.2) and prof.calls[bmm] == pytest.approx(3)
+    assert prof.seconds[gemm] == pytest.approx(0.2) and prof.calls[gemm] == pytest.approx(3)
+    assert prof.seconds[OTHER_OPS] == pytest.approx(0.05)
+    assert prof.seconds[OUTSIDE] == pytest.approx(1.0 - 0.2 - 0.2 - 0.05)
+
+
+def _attribution_rows(*args: str) -> dict[str, list[str]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.attribute", "--quick", "--steps", "1", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 6:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_attribution_cli_quick():
+    """PROMA's per-sequence GEMM shows up as batched GEMM calls that plain never makes; the
+    same variant against itself (a second model) adds none (negative control)."""
+    from benchmarks.attribute import CATEGORIES
+
+    bmm = CATEGORIES[0][0]
+    rows = _attribution_rows("--workload", "default")
+    assert rows[bmm][4].startswith("0 → ") and not rows[bmm][4].endswith("→ 0")
+    assert float(rows[bmm][2]) > 0
+    assert "**step**" in rows
+    same = _attribution_rows("--workload", "default", "--variant", "plain")
+    assert same[bmm][4] == "0 → 0" and float(same[bmm][2]) == 0
