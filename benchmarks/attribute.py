@@ -8,7 +8,8 @@ Usage (from the repository root)::
 Both variants' models are built from the same seed in this process; each runs a warm-up step,
 then ``--steps`` steps of each are profiled with ``torch.profiler`` (CPU), alternating. Every
 ATen operator's *self* time (its own time, not its callees') is summed per step and grouped
-into the categories of :data:`CATEGORIES` (the first matching category counts); what is left of
+into the categories of :data:`CATEGORIES` (the first matching category counts; GEMMs whose
+result has at most ``SMALL_OUTPUT`` rows or columns, the Gram matrices, apart); what is left of
 the profiled step time is "outside ATen operators": Python (the hooks, the k × k bookkeeping's
 interpreter time), the autograd engine, and the profiler's own per-operator bookkeeping, which
 inflates this row and the many-small-operator rows. The table lists each category's time per
@@ -38,9 +39,15 @@ from benchmarks.variants import VARIANTS, make_variant
 from benchmarks.workloads import Workload, quick_workloads, standard_workloads, tokens_in_loss
 
 # (category, ATen operators in it); an operator in no list counts as "other ATen operators".
+# GEMMs are split by the size of their result: the Gram matrices (k x k) and other products
+# with at most SMALL_OUTPUT rows or columns, and the rest (weight and input gradients).
+SMALL_OUTPUT = 64
+GEMMS = frozenset({"aten::mm", "aten::addmm"})
+SMALL_GEMM = f"GEMM with a result of at most {SMALL_OUTPUT} rows or columns (Gram matrices)"
 CATEGORIES: list[tuple[str, frozenset[str]]] = [
     ("batched GEMM (bmm: per-sequence gradients)", frozenset({"aten::bmm", "aten::baddbmm"})),
-    ("GEMM (mm/addmm: weight and input gradients, Gram)", frozenset({"aten::mm", "aten::addmm"})),
+    ("GEMM (mm/addmm: weight and input gradients)", GEMMS),
+    (SMALL_GEMM, GEMMS),
     (
         "matrix-vector (mv/addmv: inner products, combination)",
         frozenset({"aten::mv", "aten::addmv", "aten::addmv_", "aten::dot"}),
@@ -68,8 +75,13 @@ class StepProfile:
     calls: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
-def category(op: str) -> str:
-    """The category an ATen operator's time is counted in."""
+def category(op: str, shapes: list | None = None) -> str:
+    """The category an ATen operator's time is counted in; ``shapes`` are its input shapes
+    (for GEMMs: the result is ``shapes[-2][0] x shapes[-1][1]``)."""
+    if op in GEMMS and shapes and len(shapes) >= 2 and shapes[-2] and shapes[-1]:
+        rows, cols = shapes[-2][0], shapes[-1][-1]
+        if min(rows, cols) <= SMALL_OUTPUT:
+            return SMALL_GEMM
     for name, ops in CATEGORIES:
         if op in ops:
             return name
@@ -77,16 +89,17 @@ def category(op: str) -> str:
 
 
 def summarise(events, wall_s: float, steps: int) -> StepProfile:
-    """Group ``(name, self_seconds, count)`` triples of ATen operators into a per-step profile.
+    """Group ``(name, input shapes, self_seconds, count)`` of ATen operators into a per-step
+    profile.
 
     Non-ATen events (autograd nodes, ``autograd::engine`` scopes) are not counted: their self
     time is what ``OUTSIDE`` collects, as the profiled time left after every ATen operator.
     """
     prof = StepProfile(wall_s=wall_s / steps)
-    for name, self_s, count in events:
+    for name, shapes, self_s, count in events:
         if not name.startswith("aten::"):
             continue
-        cat = category(name)
+        cat = category(name, shapes)
         prof.seconds[cat] += self_s / steps
         prof.calls[cat] += count / steps
     prof.seconds[OUTSIDE] = prof.wall_s - sum(prof.seconds.values())
@@ -112,12 +125,13 @@ def profile_steps(wl: Workload, runs: dict[str, str], steps: int) -> dict[str, S
     for _ in range(steps):
         for label, variant in variants.items():
             gc.collect()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 start = time.perf_counter()
                 variant.step(batches, n_tokens)
                 walls[label] += time.perf_counter() - start
             events[label].extend(
-                (e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()
+                (e.key, e.input_shapes, e.self_cpu_time_total / 1e6, e.count)
+                for e in prof.key_averages(group_by_input_shape=True)
             )
     for variant in variants.values():
         variant.teardown()

@@ -177,23 +177,30 @@ def test_floor_cli_quick():
 def test_attribution_groups_aten_self_times_per_step():
     """ATen operators are grouped by category and divided by the step count; other events
     (autograd nodes, engine scopes) are not counted, their time is what remains of the step."""
-    from benchmarks.attribute import OTHER_OPS, OUTSIDE, category, summarise
+    from benchmarks.attribute import OTHER_OPS, OUTSIDE, SMALL_GEMM, category, summarise
 
     bmm, gemm = category("aten::bmm"), category("aten::mm")
     assert bmm != gemm and category("aten::frobnicate") == OTHER_OPS
+    # GEMMs by the size of their result: a k x k Gram matrix, a weight gradient, an addmm
+    assert category("aten::mm", [[8, 4096], [4096, 8]]) == SMALL_GEMM
+    assert category("aten::mm", [[768, 512], [512, 256]]) == gemm
+    assert category("aten::addmm", [[256], [512, 128], [128, 256]]) == gemm
+    assert category("aten::addmm", [[8], [8, 128], [128, 8]]) == SMALL_GEMM
     events = [
-        ("aten::bmm", 0.4, 6),
-        ("aten::mm", 0.2, 4),
-        ("aten::addmm", 0.2, 2),
-        ("aten::frobnicate", 0.1, 10),
-        ("SequenceGradientGEMMBackward", 0.5, 6),  # not an ATen operator
+        ("aten::bmm", [[8, 16, 4], [8, 4, 16]], 0.4, 6),
+        ("aten::mm", [[768, 512], [512, 256]], 0.2, 4),
+        ("aten::addmm", [[256], [512, 128], [128, 256]], 0.2, 2),
+        ("aten::mm", [[8, 4096], [4096, 8]], 0.1, 2),
+        ("aten::frobnicate", [], 0.1, 10),
+        ("SequenceGradientGEMMBackward", [], 0.5, 6),  # not an ATen operator
     ]
     prof = summarise(events, wall_s=2.0, steps=2)
     assert prof.wall_s == pytest.approx(1.0)
     assert prof.seconds[bmm] == pytest.approx(0.2) and prof.calls[bmm] == pytest.approx(3)
     assert prof.seconds[gemm] == pytest.approx(0.2) and prof.calls[gemm] == pytest.approx(3)
+    assert prof.seconds[SMALL_GEMM] == pytest.approx(0.05)
     assert prof.seconds[OTHER_OPS] == pytest.approx(0.05)
-    assert prof.seconds[OUTSIDE] == pytest.approx(1.0 - 0.2 - 0.2 - 0.05)
+    assert prof.seconds[OUTSIDE] == pytest.approx(1.0 - 0.2 - 0.2 - 0.05 - 0.05)
 
 
 def _attribution_rows(*args: str) -> dict[str, list[str]]:
