@@ -106,18 +106,18 @@ def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Te
     linearly dependent and zero sequence gradients are fine.
     """
     normalized = normalized_gram(gram)
-    eigval, eigvec = torch.linalg.eigh(normalized[0])
-    return _coefficients_exact(normalized, eigvec, _kept(eigval), eigval, inner)
+    eigh = torch.linalg.eigh(normalized[0])
+    return _coefficients_exact(normalized, eigh, _kept(eigh[0]), inner)
 
 
 def _coefficients_exact(
     normalized: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    eigvec: torch.Tensor,
+    eigh: tuple[torch.Tensor, torch.Tensor],
     kept: torch.Tensor,
-    eigval: torch.Tensor,
     inner: torch.Tensor,
 ) -> torch.Tensor:
     _, inv_norms, _ = normalized
+    eigval, eigvec = eigh
     inv = torch.where(kept, eigval.reciprocal(), 0.0)
     alpha = eigvec @ (inv * (eigvec.T @ (inner * inv_norms)))
     return alpha * inv_norms
@@ -178,9 +178,9 @@ def _span_coefficients_and_rank(
     one eigendecomposition of ``Ĝ`` serving both (or the one the sequence gradients computed)."""
     normalized, eigh = spectrum or (normalized_gram(gram), None)
     if projection == "exact":
-        eigval, eigvec = eigh or torch.linalg.eigh(normalized[0])
-        kept = _kept(eigval)
-        return _coefficients_exact(normalized, eigvec, kept, eigval, inner), kept.sum()
+        eigh = eigh or torch.linalg.eigh(normalized[0])
+        kept = _kept(eigh[0])
+        return _coefficients_exact(normalized, eigh, kept, inner), kept.sum()
     eigval = eigh[0] if eigh else torch.linalg.eigvalsh(normalized[0])
     return _coefficients_gs2(normalized, inner), _kept(eigval).sum()
 
