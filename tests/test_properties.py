@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import ToyLM, row_microbatches, run_accumulator, toy_sequence_losses
 from hypothesis import given, settings
@@ -121,6 +122,23 @@ def test_clamp_bound_holds_and_matches_reference(data, projection, clamp, streng
     torch.testing.assert_close(new, want)
     if bool(info.clamp_bound):  # when the clamp binds, it binds exactly at the bound
         torch.testing.assert_close(removed.norm(), strength * clamp * mcb.norm())
+
+
+@pytest.mark.parametrize("projection", ["exact", "gs2"])
+def test_clamp_statistic_counts_only_a_binding_bound(projection):
+    """``clamp_bound`` means ‖P(acc)‖ exceeded the bound: with a zero microbatch gradient (bound
+    0) and ``acc`` orthogonal to the span (nothing to project) nothing is clamped; with the same
+    bound and ``acc`` inside the span, the clamp binds and removes nothing."""
+    g = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)  # Σ g_i = 0
+    mcb = g.sum(0)
+    for acc, binds in ((torch.tensor([0.0, 2.0, 0.0]), False), (torch.tensor([3.0, 0, 0]), True)):
+        acc = acc.double()
+        new, info = accumulate_proma(
+            acc, mcb, DenseSeqGrads(g), projection=projection, clamp=0.5, strength=1.0
+        )
+        assert bool(info.clamp_bound) is binds
+        assert float(info.removed_norm) == 0.0
+        torch.testing.assert_close(new, acc)
 
 
 def _grads(model):
