@@ -8,11 +8,11 @@ from conftest import ToyLM, row_microbatches, run_accumulator, toy_sequence_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proma_accum._numerics import sq_norm
 from proma_accum._proma import (
     accumulate_proma,
     span_coefficients_exact,
     span_coefficients_gs2,
-    sq_norm,
 )
 from proma_accum.testing import (
     accumulate_proma_reference,
@@ -120,13 +120,13 @@ def test_clamp_bound_holds_and_matches_reference(data, projection, clamp, streng
         acc, mcb, s, projection=projection, clamp=clamp, strength=strength
     )
     torch.testing.assert_close(new, want)
-    if bool(info.clamp_bound):  # when the clamp binds, it binds exactly at the bound
+    if bool(info.clamped):  # when the clamp binds, it binds exactly at the bound
         torch.testing.assert_close(removed.norm(), strength * clamp * mcb.norm())
 
 
 @pytest.mark.parametrize("projection", ["exact", "gs2"])
 def test_clamp_statistic_counts_only_a_binding_bound(projection):
-    """``clamp_bound`` means ‖P(acc)‖ exceeded the bound: with a zero microbatch gradient (bound
+    """``clamped`` means ‖P(acc)‖ exceeded the bound: with a zero microbatch gradient (bound
     0) and ``acc`` orthogonal to the span (nothing to project) nothing is clamped; with the same
     bound and ``acc`` inside the span, the clamp binds and removes nothing."""
     g = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)  # Σ g_i = 0
@@ -136,7 +136,7 @@ def test_clamp_statistic_counts_only_a_binding_bound(projection):
         new, info = accumulate_proma(
             acc, mcb, DenseSeqGrads(g), projection=projection, clamp=0.5, strength=1.0
         )
-        assert bool(info.clamp_bound) is binds
+        assert bool(info.clamped) is binds
         assert float(info.removed_norm) == 0.0
         torch.testing.assert_close(new, acc)
 

@@ -6,20 +6,40 @@ import pytest
 import torch
 from torch import nn
 
+from proma_accum._capture import Capture, Layer
+from proma_accum._consistency import Consistency
+from proma_accum._kernels import LayerUse
 from proma_accum._kernels.embedding import EmbeddingKernel
 from proma_accum._kernels.linear import LinearKernel
 from proma_accum._layout import SequenceLayout
 from proma_accum._proma import accumulate_proma
-from proma_accum._seq_grads import ByteMeter, TensorSequenceGradients, Use
+from proma_accum._seq_grads import TensorSequenceGradients
+from proma_accum._workspace import Workspace
 from proma_accum.testing import accumulate_proma_reference
+
+
+def _tensor_seq_grads(param, capture, role, k, grad, chunk_bytes=2**30, check_rtol=1e-3):
+    check = None if check_rtol is None else Consistency("w", ["Layer"], check_rtol)
+    return TensorSequenceGradients(
+        "w",
+        param,
+        [(capture, role)],
+        k,
+        grad,
+        chunk_bytes=chunk_bytes,
+        workspace=capture.workspace,
+        check=check,
+    )
 
 
 def _linear_seq_grads(s, grad, chunk_bytes=2**30, check_rtol=1e-3):
     """A Linear weight whose ``(k + 1, rows, cols)`` sequence gradients are ``s``."""
     param = nn.Parameter(torch.zeros(s.shape[1:]))
-    use = Use(LinearKernel(), nn.Linear(1, 1), "weight", None, precomputed=s)
+    module = nn.Linear(1, 1)
+    layer = Layer("lin", LinearKernel(), {"weight": module.weight}, fusable=True)
+    capture = Capture(layer, module, None, None, None, Workspace(), formed={"weight": s})
     k = s.shape[0] - 1
-    return TensorSequenceGradients("w", param, [use], k, grad, chunk_bytes, ByteMeter(), check_rtol)
+    return _tensor_seq_grads(param, capture, "weight", k, grad, chunk_bytes, check_rtol)
 
 
 @pytest.mark.parametrize("chunk_bytes", [2**30, 200])
@@ -59,8 +79,9 @@ def test_plus_combination_on_touched_rows_of_an_embedding():
     layout = SequenceLayout.from_seq_ids(torch.tensor([5, 2]), None)
     seg = layout.token_segments(ids.shape, "emb")
     (grad,) = torch.autograd.grad(out, emb.weight, grad_out)
-    use = Use(EmbeddingKernel(), emb, "weight", seg, ids, grad_out)
-    seq = TensorSequenceGradients("w", emb.weight, [use], 2, grad, 2**30, ByteMeter(), 1e-3)
+    layer = Layer("emb", EmbeddingKernel(), {"weight": emb.weight})
+    capture = Capture(layer, emb, seg, ids, None, Workspace(), grad_out=grad_out)
+    seq = _tensor_seq_grads(emb.weight, capture, "weight", 2, grad)
     acc = torch.randn(10, 3)
     seq.gram_and_inner(acc)
     weights = torch.tensor([0.5, -2.0], dtype=torch.float64)
@@ -112,8 +133,9 @@ def test_embedding_grad_sum_is_the_sum_of_its_sequence_gradients(padding_idx):
     seg = SequenceLayout.from_seq_ids(seq_ids, None).token_segments(ids.shape, "emb")
     kernel = EmbeddingKernel()
     rows = torch.tensor([1, 2, 4, 9])  # 7 left out
-    got = kernel.grad_sum(emb, "weight", ids, grad_out, seg, rows, torch.float32)
-    want = kernel.seq_grads(emb, "weight", ids, grad_out, seg, rows, torch.float32).sum(0)
+    use = LayerUse(emb, "weight", ids, grad_out, seg, Workspace())
+    got = kernel.grad_sum(use, rows, torch.float32)
+    want = kernel.seq_grads(use, rows, torch.float32).sum(0)
     torch.testing.assert_close(got, want)
     out = emb(ids)
     (full,) = torch.autograd.grad(out, emb.weight, grad_out)

@@ -20,34 +20,35 @@ import torch
 class SequenceGradientGEMM(torch.autograd.Function):
     """Identity on the layer output; backward = input gradient + per-sequence weight gradients.
 
-    ``forward(x, *params, ctx_data)`` with ``ctx_data = (output, module, kernel, roles, capture)``
-    returns ``output`` (already computed by the layer). ``params`` follow ``roles``.
+    ``forward(x, *params, (output, capture, roles))`` returns ``output`` (already computed by the
+    layer). ``params`` follow ``roles``; ``capture`` (a ``_capture.Capture``) receives the
+    per-sequence gradients.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        *params, (output, module, kernel, roles, capture) = args
-        ctx.module, ctx.kernel, ctx.roles, ctx.capture = module, kernel, roles, capture
+        *params, (output, capture, roles) = args
+        ctx.capture, ctx.roles = capture, roles
         ctx.save_for_backward(x, *params)
         return output.detach()  # a new tensor object; the layer's own graph is dropped
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, *params = ctx.saved_tensors
-        capture, kernel, module = ctx.capture, ctx.kernel, ctx.module
+        capture = ctx.capture
+        kernel, module = capture.layer.kernel, capture.module
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = kernel.input_grad(module, grad_out, params[ctx.roles.index("weight")])
             grad_x = grad_x.to(x.dtype)
-        xs = x if capture.cast is None else x.to(capture.cast)
-        per_sequence = {}
+        capture.receive(grad_out)
         grads = []
         for role, p in zip(ctx.roles, params, strict=True):
             dtype = torch.promote_types(p.dtype, torch.float32)
-            with capture.pool.active():
-                s = kernel.seq_grads(module, role, xs, grad_out, capture.seg, slice(None), dtype)
-            capture.meter.add(s.numel() * s.element_size())
-            per_sequence[role] = s
-            grads.append(s.sum(0).to(p.dtype))
-        capture.receive_sequence_grads(per_sequence, dict(zip(ctx.roles, grads, strict=True)))
+            s = kernel.seq_grads(capture.use(role, x), slice(None), dtype)
+            capture.workspace.formed(s)
+            capture.formed[role] = s
+            capture.returned[role] = s.sum(0).to(p.dtype)
+            grads.append(capture.returned[role])
+        capture.grad_out = None  # not needed any more: the per-sequence gradients are formed
         return (grad_x, *grads, None)

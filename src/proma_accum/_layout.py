@@ -169,3 +169,32 @@ def segment_sum(x: torch.Tensor, seg: TokenSegments) -> torch.Tensor:
         return out
     index = torch.where(seg.token_seq >= 0, seg.token_seq, k)
     return x.new_zeros(k + 1, x.shape[-1]).index_add_(0, index, x)
+
+
+def dense_advantages(advantages: object, layout: SequenceLayout) -> torch.Tensor | None:
+    """Validate ``advantages`` (indexed by sequence id) and return them in dense sequence order:
+    ``(k,)`` float64. None stays None (loss mode)."""
+    if advantages is None:
+        return None
+    if not isinstance(advantages, torch.Tensor):
+        raise TypeError(
+            f"advantages must be a 1-D float torch.Tensor, got {type(advantages).__name__}"
+        )
+    if not advantages.is_floating_point() or advantages.dim() != 1:
+        raise TypeError(
+            f"advantages must be a 1-D float tensor, got dtype {advantages.dtype} and "
+            f"shape {tuple(advantages.shape)}"
+        )
+    max_id = int(layout.ids.max()) if layout.num_sequences else -1
+    if advantages.numel() <= max_id:
+        raise ValueError(
+            f"advantages has length {advantages.numel()} but is indexed by sequence id and "
+            f"seq_ids contains id {max_id}: need length > {max_id}"
+        )
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError("advantages must be finite (found nan or inf)")
+    if advantages.device != layout.ids.device:
+        raise ValueError(
+            f"advantages is on {advantages.device} but seq_ids is on {layout.ids.device}"
+        )
+    return advantages.double()[layout.ids]

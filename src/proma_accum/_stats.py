@@ -2,8 +2,9 @@
 
 Per group (the layer kind: ``linear``, ``embedding``, ... or ``all``):
 
-* ``projected_norm_ratio``: ``‖removed‖ / ‖acc‖`` over the group's tensors (root of summed
-  squares), where ``removed`` is the clamped, strength-scaled projection taken off ``acc``;
+* ``projected_norm_ratio``: ``‖removed‖ / ‖running‖`` over the group's tensors (root of summed
+  squares), where ``removed`` is the clamped, strength-scaled projection taken off the running
+  gradient ``running``;
 * ``clamp_fraction``: fraction of tensor updates in which the clamp bound;
 * ``num_sequences``: sequences in the microbatch (mean over microbatches in a step);
 * ``rank``: mean numerical rank of the sequence gradients, per tensor;
@@ -20,7 +21,7 @@ import torch
 
 from ._proma import UpdateInfo
 
-_FIELDS = ("acc_sq", "removed_sq", "clamped", "rank", "sequences", "updates")
+_FIELDS = ("running_sq", "removed_sq", "clamped", "rank", "sequences", "updates")
 
 
 class StatsRecorder:
@@ -72,9 +73,9 @@ class StatsRecorder:
             groups["all"].append(info)
         for key, infos in groups.items():
             sums = {
-                "acc_sq": torch.stack([i.acc_norm for i in infos]).square().sum(),
+                "running_sq": torch.stack([i.running_norm for i in infos]).square().sum(),
                 "removed_sq": torch.stack([i.removed_norm for i in infos]).square().sum(),
-                "clamped": torch.stack([i.clamp_bound for i in infos]).double().sum(),
+                "clamped": torch.stack([i.clamped for i in infos]).double().sum(),
                 "rank": torch.stack([i.rank for i in infos]).double().sum(),
                 "sequences": sum(i.num_sequences for i in infos),
                 "updates": len(infos),
@@ -101,8 +102,8 @@ def _summarise(table: dict[str, dict[str, torch.Tensor | float]]) -> dict[str, d
         vals = {k: float(row[k]) for k in _FIELDS}
         n = max(vals["updates"], 1.0)
         out[group] = {
-            "projected_norm_ratio": (vals["removed_sq"] / vals["acc_sq"]) ** 0.5
-            if vals["acc_sq"] > 0
+            "projected_norm_ratio": (vals["removed_sq"] / vals["running_sq"]) ** 0.5
+            if vals["running_sq"] > 0
             else 0.0,
             "clamp_fraction": vals["clamped"] / n,
             "num_sequences": vals["sequences"] / n,

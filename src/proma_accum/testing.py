@@ -16,13 +16,17 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ._proma import RANK_RTOL
+from ._numerics import RANK_RTOL
+
+if TYPE_CHECKING:
+    from ._accumulator import ProjectedAccumulator
 
 __all__ = [
     "accumulate_proma_reference",
@@ -30,6 +34,7 @@ __all__ = [
     "per_sequence_gradients",
     "project_to_complement_v1",
     "project_to_complement_v2",
+    "record_sequence_gradients",
     "reference_accumulate",
 ]
 
@@ -203,3 +208,42 @@ def assert_grads_close(
             problems.append(f"{name}: has a gradient the reference does not")
     if problems:
         raise AssertionError("gradients differ from the reference:\n  " + "\n  ".join(problems))
+
+
+@contextlib.contextmanager
+def record_sequence_gradients(
+    acc: ProjectedAccumulator,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the per-sequence gradients the accumulator forms, to compare them with another
+    source (one ``autograd.grad`` per sequence, Opacus's per-sample gradients, ...).
+
+    Yields a dict filled during the backwards inside the context: for every projected tensor
+    update, ``name → (k, *shape)`` float64 per-sequence gradients (sequences in order of first
+    appearance in ``seq_ids``; rows no sequence touches are zero). A tensor updated again
+    overwrites its entry. Plain accumulation (the first microbatch of a step, ``strength=0``)
+    forms none.
+
+    Example::
+
+        with record_sequence_gradients(acc) as seq_grads:
+            with acc.microbatch(seq_ids):
+                loss.backward()
+        seq_grads["proj.weight"]  # (k, out, in)
+    """
+    recorded: dict[str, torch.Tensor] = {}
+    params = dict(acc.model.named_parameters())
+
+    def observe(name: str, rows: slice | torch.Tensor, s: torch.Tensor) -> None:
+        k = s.shape[0] - 1  # the last row holds tokens of no sequence
+        full = recorded.get(name)
+        if full is None or full.shape[0] != k:
+            full = torch.zeros((k, *params[name].shape), dtype=torch.float64, device=s.device)
+            recorded[name] = full
+        full[:, rows] = s[:k].double()
+
+    previous = acc._observer
+    acc._observer = observe
+    try:
+        yield recorded
+    finally:
+        acc._observer = previous

@@ -13,14 +13,19 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ._base import Kernel
+from .._distributed import unwrapped_class
+from ._base import Kernel, LayerUse
 
 _BY_TYPE: dict[type, Kernel] = {}
 _BY_NAME: dict[str, Kernel] = {}
 
 
 def register(*targets: type | str) -> Callable[[type[Kernel]], type[Kernel]]:
-    """Class decorator: register a kernel for module types (or ``"module.QualName"`` strings)."""
+    """Class decorator: register a kernel for module types (or ``"module.QualName"`` strings).
+
+    A later registration for the same target replaces the earlier one (so a user's kernel can
+    replace a built-in one). Lookup is by exact type: register subclasses explicitly.
+    """
 
     def wrap(kernel_cls: type[Kernel]) -> type[Kernel]:
         kernel = kernel_cls()
@@ -35,34 +40,28 @@ def register(*targets: type | str) -> Callable[[type[Kernel]], type[Kernel]]:
 
 
 def kernel_for(module: nn.Module) -> Kernel | None:
-    """The kernel registered for ``type(module)`` exactly (subclasses may change the math).
+    """The kernel registered for ``type(module)`` exactly (subclasses may change the math), else
+    the Opacus fallback for the kinds it covers soundly (``opacus_fallback``), else None.
 
-    FSDP2's ``fully_shard`` swaps a module's class for ``FSDP<Class>(FSDPModule, Class)``,
-    which only adds hooks around the forward: such a module gets ``Class``'s kernel.
+    A module whose class FSDP2's ``fully_shard`` swapped gets its original class's kernel (see
+    ``_distributed.unwrapped_class``).
     """
-    cls = _unwrapped_class(type(module))
+    cls = unwrapped_class(type(module))
     kernel = _BY_TYPE.get(cls)
     if kernel is None:
         kernel = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    if kernel is None:
+        kernel = fallback_for(cls)  # Opacus's per-sample gradients, one sequence per row
     return kernel
-
-
-def _unwrapped_class(cls: type) -> type:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without distributed
-        return cls
-    bases = cls.__bases__
-    if len(bases) == 2 and bases[0] is FSDPModule and cls.__name__ == f"FSDP{bases[1].__name__}":
-        return bases[1]
-    return cls
 
 
 # Importing the kernel modules registers them.
 from . import conv1d, embedding, layer_norm, linear, rms_norm  # noqa: E402
+from .opacus_fallback import fallback_for  # noqa: E402
 
 __all__ = [
     "Kernel",
+    "LayerUse",
     "conv1d",
     "embedding",
     "kernel_for",

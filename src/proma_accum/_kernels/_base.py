@@ -1,13 +1,46 @@
-"""The interface every per-layer kernel implements."""
+"""The interface every per-layer kernel implements, and the one argument its methods take."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .._layout import TokenSegments
+from .._workspace import Workspace
 
 Rows = slice | torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerUse:
+    """One use of a layer's parameter in a microbatch: everything its kernel needs.
+
+    Attributes:
+        module: the layer (under FSDP2, the module whose parameters are unsharded copies).
+        role: the parameter's attribute name on ``module`` (``"weight"``, ``"bias"``, ...).
+        x: the layer's saved input, as the layer multiplied it (the autocast dtype applied),
+            with token dims ``seg`` describes (``lead_shape``) before the feature dim(s).
+        grad_out: the gradient of the layer's output, same token dims.
+        seg: which sequence each token belongs to (``seg.token_seq: (N,)``, ``-1`` for none).
+        workspace: where per-sequence gradient buffers come from (:meth:`empty`).
+    """
+
+    module: nn.Module
+    role: str
+    x: torch.Tensor
+    grad_out: torch.Tensor
+    seg: TokenSegments
+    workspace: Workspace
+
+    @property
+    def num_sequences(self) -> int:
+        return self.seg.num_sequences
+
+    def empty(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised buffer on the output gradient's device, from the workspace."""
+        return self.workspace.empty(tuple(shape), dtype, self.grad_out.device)
 
 
 class Kernel:
@@ -20,6 +53,9 @@ class Kernel:
     # GEMM layers whose weight gradient can be formed as the sum of per-sequence gradients
     # (see ``_fused``); they implement ``input_grad``.
     fusable: bool = False
+    # Kernels that need one sequence per input row (``seq_ids`` of shape ``(B,)``): with
+    # per-token ids their tensors are accumulated plainly in that microbatch.
+    rows_only: bool = False
 
     def input_grad(
         self, module: nn.Module, grad_out: torch.Tensor, weight: torch.Tensor
@@ -49,53 +85,26 @@ class Kernel:
         """Shape of the token dims of input ``x`` (everything before the feature dim)."""
         return x.shape[:-1]
 
-    def touched_rows(self, module: nn.Module, role: str, x: torch.Tensor) -> torch.Tensor | None:
+    def touched_rows(self, use: LayerUse) -> torch.Tensor | None:
         """Sorted indices of the parameter rows that can get gradient, or None for all rows."""
         return None
 
-    def seq_grads(
-        self,
-        module: nn.Module,
-        role: str,
-        x: torch.Tensor,
-        grad_out: torch.Tensor,
-        seg: TokenSegments,
-        rows: Rows,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """Per-sequence gradients of ``module.<role>[rows]``: ``(k + 1, len(rows), ...)``.
+    def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
+        """Per-sequence gradients of ``use.module.<use.role>[rows]``: ``(k + 1, len(rows), ...)``.
 
-        ``x`` is the saved input, ``grad_out`` the gradient of the layer output, both with the
-        token dims given by ``seg``; the result is computed in ``dtype``.
+        Row ``i < k`` is sequence ``i``'s gradient, row ``k`` the part of the tokens that belong
+        to no sequence (``seg.token_seq == -1``); computed in ``dtype``.
         """
         raise NotImplementedError
 
-    def grad_sum(
-        self,
-        module: nn.Module,
-        role: str,
-        x: torch.Tensor,
-        grad_out: torch.Tensor,
-        seg: TokenSegments,
-        rows: Rows,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def grad_sum(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
         """``seq_grads(...).sum(0)``: this use's gradient of ``module.<role>[rows]`` (padding
         tokens included), ``(len(rows), ...)``; kernels may form it without the split."""
-        return self.seq_grads(module, role, x, grad_out, seg, rows, dtype).sum(0)
+        return self.seq_grads(use, rows, dtype).sum(0)
 
-    def add_seq_grads(
-        self,
-        total: torch.Tensor,
-        module: nn.Module,
-        role: str,
-        x: torch.Tensor,
-        grad_out: torch.Tensor,
-        seg: TokenSegments,
-        rows: Rows,
-    ) -> None:
-        """``total += seq_grads(...)``; kernels may add in place without a temporary."""
-        total.add_(self.seq_grads(module, role, x, grad_out, seg, rows, total.dtype))
+    def add_seq_grads(self, total: torch.Tensor, use: LayerUse, rows: Rows) -> None:
+        """``total += seq_grads(use, rows, total.dtype)``; kernels may add in place."""
+        total.add_(self.seq_grads(use, rows, total.dtype))
 
 
 def tokens(t: torch.Tensor, features: int, dtype: torch.dtype) -> torch.Tensor:

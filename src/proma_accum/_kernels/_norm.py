@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._layout import TokenSegments, segment_sum
-from ._base import Kernel, Rows, tokens
+from .._layout import segment_sum
+from ._base import Kernel, LayerUse, Rows, tokens
 
 
 class AffineNormKernel(Kernel):
@@ -23,20 +23,12 @@ class AffineNormKernel(Kernel):
     def lead_shape(self, module: nn.Module, x: torch.Tensor) -> torch.Size:
         return x.shape[: x.dim() - self.feature_dims(module)]
 
-    def seq_grads(
-        self,
-        module: nn.Module,
-        role: str,
-        x: torch.Tensor,
-        grad_out: torch.Tensor,
-        seg: TokenSegments,
-        rows: Rows,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
+        module = use.module
         features = self.feature_dims(module)
-        b = tokens(grad_out, features, dtype)
-        if role == "weight":
-            b = b * tokens(self.normalized(module, x), features, dtype)
-        shape = module.weight.shape if role == "weight" else module.bias.shape
-        per_seq = segment_sum(b, seg).view(-1, *shape)
+        b = tokens(use.grad_out, features, dtype)
+        if use.role == "weight":
+            b = b * tokens(self.normalized(module, use.x), features, dtype)
+        shape = module.weight.shape if use.role == "weight" else module.bias.shape
+        per_seq = segment_sum(b, use.seg).view(-1, *shape)
         return per_seq[:, rows]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._layout import TokenSegments, segment_sum
+from .._layout import segment_sum
 from . import register
-from ._base import Kernel, Rows, tokens
+from ._base import Kernel, LayerUse, Rows, tokens
 from .linear import outer_by_sequence
 
 
@@ -25,17 +25,8 @@ class Conv1DKernel(Kernel):
         """``∂L/∂a_t = W b_t``: ``(..., d_out) → (..., d_in)``."""
         return grad_out @ weight.to(grad_out.dtype).T
 
-    def seq_grads(
-        self,
-        module: nn.Module,
-        role: str,
-        x: torch.Tensor,
-        grad_out: torch.Tensor,
-        seg: TokenSegments,
-        rows: Rows,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        b = tokens(grad_out, 1, dtype)
-        if role == "bias":
-            return segment_sum(b[:, rows], seg)
-        return outer_by_sequence(tokens(x, 1, dtype)[:, rows], b, seg)
+    def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
+        b = tokens(use.grad_out, 1, dtype)
+        if use.role == "bias":
+            return segment_sum(b[:, rows], use.seg)
+        return outer_by_sequence(tokens(use.x, 1, dtype)[:, rows], b, use)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._layout import TokenSegments
 from . import register
-from ._base import Kernel, Rows, tokens
+from ._base import Kernel, LayerUse, Rows, tokens
 
 
 @register(nn.Embedding)
@@ -31,62 +30,37 @@ class EmbeddingKernel(Kernel):
     def lead_shape(self, module: nn.Module, x: torch.Tensor) -> torch.Size:
         return x.shape
 
-    def touched_rows(self, module: nn.Module, role: str, x: torch.Tensor) -> torch.Tensor | None:
-        ids = torch.unique(x)
-        if module.padding_idx is not None:
-            ids = ids[ids != module.padding_idx]
+    def touched_rows(self, use: LayerUse) -> torch.Tensor | None:
+        ids = torch.unique(use.x)
+        if use.module.padding_idx is not None:
+            ids = ids[ids != use.module.padding_idx]
         return ids
 
-    def seq_grads(
-        self,
-        module: nn.Module,
-        role: str,
-        x: torch.Tensor,
-        grad_out: torch.Tensor,
-        seg: TokenSegments,
-        rows: Rows,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        n_rows = _row_index(rows, module, x.device).numel()
-        total = grad_out.new_zeros(seg.num_sequences + 1, n_rows, grad_out.shape[-1], dtype=dtype)
-        self.add_seq_grads(total, module, role, x, grad_out, seg, rows)
+    def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
+        n_rows = _row_index(rows, use.module, use.x.device).numel()
+        grad_out = use.grad_out
+        total = grad_out.new_zeros(use.num_sequences + 1, n_rows, grad_out.shape[-1], dtype=dtype)
+        self.add_seq_grads(total, use, rows)
         return total
 
-    def add_seq_grads(
-        self,
-        total: torch.Tensor,
-        module: nn.Module,
-        role: str,
-        x: torch.Tensor,
-        grad_out: torch.Tensor,
-        seg: TokenSegments,
-        rows: Rows,
-    ) -> None:
-        ids = x.reshape(-1)
-        b = tokens(grad_out, 1, total.dtype)
-        rows = _row_index(rows, module, ids.device)
+    def add_seq_grads(self, total: torch.Tensor, use: LayerUse, rows: Rows) -> None:
+        ids = use.x.reshape(-1)
+        b = tokens(use.grad_out, 1, total.dtype)
+        rows = _row_index(rows, use.module, ids.device)
         n_rows = rows.numel()
-        pos, keep = _positions(rows, ids, module)
+        pos, keep = _positions(rows, ids, use.module)
+        seg = use.seg
         k = seg.num_sequences
         seq = torch.where(seg.token_seq >= 0, seg.token_seq, k)
         flat = total.view((k + 1) * n_rows, -1)  # rows of (sequence, embedding row)
         flat.index_add_(0, (seq * n_rows + pos)[keep], b[keep])
 
-    def grad_sum(
-        self,
-        module: nn.Module,
-        role: str,
-        x: torch.Tensor,
-        grad_out: torch.Tensor,
-        seg: TokenSegments,
-        rows: Rows,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def grad_sum(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
         """``Σ_t b_t`` into row ``id_t``: the plain embedding gradient on ``rows``."""
-        ids = x.reshape(-1)
-        rows = _row_index(rows, module, ids.device)
-        pos, keep = _positions(rows, ids, module)
-        b = tokens(grad_out, 1, dtype)
+        ids = use.x.reshape(-1)
+        rows = _row_index(rows, use.module, ids.device)
+        pos, keep = _positions(rows, ids, use.module)
+        b = tokens(use.grad_out, 1, dtype)
         total = b.new_zeros(rows.numel(), b.shape[-1])
         return total.index_add_(0, pos[keep], b[keep])
 

@@ -10,19 +10,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._layout import TokenSegments, padding_tokens, segment, segment_sum
-from .._memory import new_empty
+from .._layout import padding_tokens, segment, segment_sum
 from . import register
-from ._base import Kernel, Rows, tokens
+from ._base import Kernel, LayerUse, Rows, tokens
 
 
-def outer_by_sequence(left: torch.Tensor, right: torch.Tensor, seg: TokenSegments) -> torch.Tensor:
+def outer_by_sequence(left: torch.Tensor, right: torch.Tensor, use: LayerUse) -> torch.Tensor:
     """``(k + 1, p, q)``: ``Σ_{t ∈ s} left_t right_tᵀ`` per sequence, padding tokens last.
 
-    ``left: (N, p)``, ``right: (N, q)`` token rows.
+    ``left: (N, p)``, ``right: (N, q)`` token rows; the result is a buffer of ``use.workspace``.
     """
+    seg = use.seg
     k = seg.num_sequences
-    out = new_empty(left, k + 1, left.shape[1], right.shape[1])
+    out = use.empty(k + 1, left.shape[1], right.shape[1], dtype=left.dtype)
     torch.bmm(segment(left, seg).transpose(1, 2), segment(right, seg), out=out[:k])
     if seg.has_padding:
         torch.mm(padding_tokens(left, seg).T, padding_tokens(right, seg), out=out[k])
@@ -42,17 +42,8 @@ class LinearKernel(Kernel):
         """``∂L/∂a_t = Wᵀ b_t``: ``(..., d_out) → (..., d_in)``."""
         return grad_out @ weight.to(grad_out.dtype)
 
-    def seq_grads(
-        self,
-        module: nn.Module,
-        role: str,
-        x: torch.Tensor,
-        grad_out: torch.Tensor,
-        seg: TokenSegments,
-        rows: Rows,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        b = tokens(grad_out, 1, dtype)[:, rows]
-        if role == "bias":
-            return segment_sum(b, seg)
-        return outer_by_sequence(b, tokens(x, 1, dtype), seg)
+    def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
+        b = tokens(use.grad_out, 1, dtype)[:, rows]
+        if use.role == "bias":
+            return segment_sum(b, use.seg)
+        return outer_by_sequence(b, tokens(use.x, 1, dtype), use)

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from .. import ProjectedAccumulator
-from .._accumulator import DEFAULT_CHUNK_BYTES
 from ..sequence_ids import from_position_ids
 
 __all__ = ["PromaTrainerMixin"]
@@ -50,7 +49,8 @@ class PromaTrainerMixin:
         proma_strength: fraction of the (clamped) projection removed, in ``[0, 1]``; 0 gives
             plain accumulation.
         proma_exclude: ``fnmatch`` patterns of parameter names accumulated plainly.
-        proma_chunk_bytes: byte budget of one chunk of per-sequence gradients.
+        proma_chunk_bytes: byte budget of one chunk of per-sequence gradients (None: the
+            accumulator's default).
     """
 
     proma: ProjectedAccumulator
@@ -62,7 +62,7 @@ class PromaTrainerMixin:
         proma_clamp: float | None = 0.5,
         proma_strength: float = 1.0,
         proma_exclude: Iterable[str] = (),
-        proma_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        proma_chunk_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
         self._proma_stack: contextlib.ExitStack | None = None
@@ -77,7 +77,7 @@ class PromaTrainerMixin:
             clamp=proma_clamp,
             strength=proma_strength,
             exclude=self._proma_exclude,
-            chunk_bytes=proma_chunk_bytes,
+            **({} if proma_chunk_bytes is None else {"chunk_bytes": proma_chunk_bytes}),
         )
         self.proma.attach()
 

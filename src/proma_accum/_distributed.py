@@ -1,4 +1,10 @@
-"""Where a parameter's running gradient lives, and how a microbatch takes it out and puts it back.
+"""Distributed training: where a parameter's running gradient lives, and the data-parallel world.
+
+Every private attribute of torch's DDP and FSDP2 that proma_accum reads is read in this module
+and nowhere else; each is marked ``PRIVATE`` with the public API it stands in for and the torch
+versions it was checked on.
+
+Where the running gradient lives, and how a microbatch takes it out and puts it back:
 
 PROMA needs the running gradient ``A`` of a tensor when that tensor's microbatch gradient
 arrives, and hands autograd the new running gradient in its place. For an ordinary parameter
@@ -27,6 +33,60 @@ from typing import Any
 
 import torch
 from torch import nn
+
+try:  # torch built without distributed support has neither
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    FSDPModule = FullyShardedDataParallel = DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(p: torch.Tensor) -> bool:
+    """Whether ``p`` (or the tensor a ``Parameter`` wraps) is a ``DTensor``."""
+    return DTensor is not None and (
+        isinstance(p, DTensor) or isinstance(getattr(p, "data", None), DTensor)
+    )
+
+
+def unwrapped_class(cls: type) -> type:
+    """``Class`` for the ``FSDP<Class>(FSDPModule, Class)`` that ``fully_shard`` swaps in.
+
+    That class only adds hooks around the forward, so the module computes as ``Class`` does.
+    """
+    bases = cls.__bases__
+    if (
+        FSDPModule is not None
+        and len(bases) == 2
+        and bases[0] is FSDPModule
+        and cls.__name__ == f"FSDP{bases[1].__name__}"
+    ):
+        return bases[1]
+    return cls
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """A ``DistributedDataParallel`` wrapper: its world size, and whether it all-reduces after
+    the coming backward."""
+
+    ddp: nn.parallel.DistributedDataParallel
+
+    @property
+    def world(self) -> int:
+        return self.ddp.process_group.size()
+
+    @property
+    def syncs(self) -> bool:
+        # PRIVATE-ish: ``require_backward_grad_sync`` is the flag ``DistributedDataParallel.
+        # no_sync()`` clears (public API: the ``no_sync`` context); checked on torch 2.13.0.
+        return bool(self.ddp.require_backward_grad_sync)
+
+
+def data_parallel(model: nn.Module) -> DataParallel | None:
+    """The DDP wrapper, when ``model`` is one."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return DataParallel(model)
+    return None
 
 
 @dataclass
@@ -65,13 +125,16 @@ class GradSlot:
 @dataclass
 class ShardedSlot(GradSlot):
     """A parameter sharded by FSDP2. ``fsdp_param`` and ``group`` are torch's ``FSDPParam`` and
-    ``FSDPParamGroup`` (private FSDP2 objects, read here and nowhere else)."""
+    ``FSDPParamGroup`` (private FSDP2 objects; checked on torch 2.13.0)."""
 
     fsdp_param: Any = None
     group: Any = None
 
     @property
     def unsharded(self) -> nn.Parameter | None:
+        # PRIVATE: the unsharded parameter the layer computes with between FSDP2's pre-forward
+        # unshard and post-backward reshard (no public API exposes it; ``FSDPModule.unshard``
+        # only triggers it).
         return getattr(self.fsdp_param, "_unsharded_param", None)
 
     @property
@@ -84,14 +147,18 @@ class ShardedSlot(GradSlot):
     @property
     def world(self) -> int:
         """Ranks FSDP2 averages this parameter's gradient over (shard × replicate)."""
+        # PRIVATE: the parameter's device mesh (public API: the ``mesh`` passed to
+        # ``fully_shard``, which the module does not expose).
         return int(self.fsdp_param.mesh_info.mesh.size())
 
     @property
     def synced(self) -> bool:
         """Whether FSDP2 reduce-scatters after this backward."""
+        # PRIVATE: the state ``FSDPModule.set_requires_gradient_sync`` sets (no public getter).
         return bool(self.group.reduce_grads)
 
     def check_reduction(self, name: str) -> None:
+        # PRIVATE: what ``FSDPModule.set_gradient_divide_factor`` sets (no public getter).
         factor = self.group.gradient_divide_factor
         if factor is not None and float(factor) != float(self.world):
             raise ValueError(
@@ -101,6 +168,9 @@ class ShardedSlot(GradSlot):
             )
 
     def _local(self) -> list[tuple[Any, str]]:
+        # PRIVATE: ``unsharded_accumulated_grad`` is where FSDP2 keeps a local gradient in the
+        # reduce dtype of a ``MixedPrecisionPolicy`` between microbatches without gradient sync
+        # (no public API).
         return [(self.fsdp_param, "unsharded_accumulated_grad"), (self.unsharded, "grad")]
 
     def has_grad(self) -> bool:
@@ -140,15 +210,15 @@ def sharded_slots(model: nn.Module) -> dict[nn.Module, list[ShardedSlot]]:
     Each FSDP2 module unshards its parameters in a forward pre-hook; the unsharded copies exist
     from the first forward on and are reused for the rest of training.
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without distributed
+    if FSDPModule is None:  # pragma: no cover - torch without distributed
         return {}
     slots: dict[nn.Module, list[ShardedSlot]] = {}
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
         try:
+            # PRIVATE: the module's FSDP2 state and its parameter groups (public API: the
+            # module's sharded parameters, which do not lead to the unsharded copies).
             groups = module._get_fsdp_state()._fsdp_param_groups
             slots[module] = [
                 ShardedSlot(fsdp_param.sharded_param, fsdp_param, group)
@@ -165,9 +235,7 @@ def sharded_slots(model: nn.Module) -> dict[nn.Module, list[ShardedSlot]]:
 
 def refuse_fsdp1(model: nn.Module) -> None:
     """FSDP1 (``FullyShardedDataParallel``) flattens parameters: no layer sees its own."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
+    if FullyShardedDataParallel is None:  # pragma: no cover
         return
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise NotImplementedError(

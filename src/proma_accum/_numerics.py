@@ -1,0 +1,82 @@
+"""Numerics of the update and the sequence gradients: norms, the normalised Gram, the rank cut.
+
+Everything here works on 0-d or ``k × k`` float64 tensors and never leaves the device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Eigenvalues of the normalised Gram matrix Ĝ below RANK_RTOL * λ_max count as zero: singular
+# values of the unit sequence gradients below 1e-5 of the largest, about 100 float32 ulps,
+# which float32 gradients cannot resolve. ``proma_accum.testing`` uses the same threshold.
+RANK_RTOL = 1e-10
+
+# Norms are reduced in float64 over float32 norms of rows of this many elements: as accurate
+# as a float64 reduction in practice, without a float64 copy of the tensor. Up to _NORM_SMALL
+# elements the float64 copy is cheaper than the extra ops.
+_NORM_ROW = 256
+_NORM_SMALL = 4096
+
+
+def sq_norm(x: torch.Tensor) -> torch.Tensor:
+    """``‖x‖²`` as a 0-d float64 tensor (see :func:`norm`)."""
+    return norm(x).square()
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """``‖x‖`` as a 0-d float64 tensor.
+
+    Each row of ``_NORM_ROW`` elements is reduced in ``x``'s compute dtype (relative error about
+    one rounding of that dtype) and the row norms in float64, so no float64 copy of a large
+    ``x`` is made (that copy costs ~20x the reduction).
+    """
+    flat = x.reshape(-1)
+    if flat.numel() <= _NORM_SMALL or x.dtype == torch.float64:
+        return torch.linalg.vector_norm(flat, dtype=torch.float64)
+    head = flat.numel() - flat.numel() % _NORM_ROW
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    rows = torch.linalg.vector_norm(flat[:head].view(-1, _NORM_ROW), dim=1, dtype=dtype)
+    if head < flat.numel():
+        rows = torch.cat([rows, torch.linalg.vector_norm(flat[head:], dtype=dtype)[None]])
+    return torch.linalg.vector_norm(rows, dtype=torch.float64)
+
+
+class UnitGram(NamedTuple):
+    """The Gram matrix of the unit vectors ``u_i = g_i / ‖g_i‖``.
+
+    ``gram: (k, k)`` is ``Ĝ``; ``inv_norms: (k,)`` is ``1 / ‖g_i‖``, and 0 for a zero ``g_i``
+    (whose row and column of ``Ĝ`` are then zero); ``nonzero: (k,)`` marks the nonzero ``g_i``.
+    """
+
+    gram: torch.Tensor
+    inv_norms: torch.Tensor
+    nonzero: torch.Tensor
+
+
+class Spectrum(NamedTuple):
+    """``Ĝ`` of a Gram matrix and, when it was computed, ``torch.linalg.eigh(Ĝ)``."""
+
+    unit: UnitGram
+    eigh: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def normalized_gram(gram: torch.Tensor) -> UnitGram:
+    """``Ĝ`` of ``G: (k, k)``.
+
+    The span does not depend on the lengths of the ``g_i``, and each ``g_i`` is known to its own
+    relative precision, so rank decisions and conditioning are judged on ``Ĝ`` (a sequence scaled
+    by a tiny advantage is still a full direction of the span).
+    """
+    norms = gram.diagonal().sqrt()  # sums of squares: never negative
+    nonzero = norms > 0
+    inv_norms = torch.where(nonzero, norms.reciprocal(), 0.0)
+    return UnitGram(gram * torch.outer(inv_norms, inv_norms), inv_norms, nonzero)
+
+
+def kept_eigenvalues(eigval: torch.Tensor) -> torch.Tensor:
+    """Which eigenvalues of ``Ĝ`` (ascending, as ``eigh`` returns them) count as nonzero: those
+    above ``RANK_RTOL · λ_max``; their number is the dimension of ``span(g)``."""
+    return eigval > RANK_RTOL * eigval[-1].clamp(min=0)
