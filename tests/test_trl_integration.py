@@ -324,3 +324,43 @@ def test_advantage_mode_rejects_unsuitable_losses(tmp_path):
             processing_class=tok,
             proma_advantages=True,
         )
+
+
+class _Boom(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        raise RuntimeError("boom")
+
+
+def test_unfused_head_is_active_during_train_only(tmp_path):
+    """The LM head module runs in the fused-head calls while train() runs, and outside
+    train() (after it returned, and after it raised) the fused call is TRL's own again."""
+    tok = make_tokenizer()
+    model = make_model(len(tok))
+    data = datasets.Dataset.from_dict({"prompt": ["1+1=", "2+3="] * 4})
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    trainer = PromaGRPOTrainer(
+        model=model,
+        reward_funcs=distinct_chars,
+        args=grpo_args(tmp_path),
+        train_dataset=data,
+        processing_class=tok,
+    )
+    ids = torch.randint(2, len(tok), (2, 5))
+
+    def fused_call_runs_the_head() -> bool:
+        head_calls.clear()
+        with torch.no_grad():
+            model(input_ids=ids, labels=ids, fused_lm_head=True)
+        return bool(head_calls)
+
+    assert not fused_call_runs_the_head()  # before train(): TRL's fused head
+    trainer.train()
+    assert not fused_call_runs_the_head()  # after: TRL's again
+    trainer._proma_unfused.active = True  # negative control: the switch is what differs
+    assert fused_call_runs_the_head()
+    trainer._proma_unfused.active = False
+    trainer.add_callback(_Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert not fused_call_runs_the_head()  # after a failure too

@@ -15,7 +15,6 @@ logged. Pass ``proma_unfuse_lm_head=False`` to keep the fused head and accumulat
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import logging
 import types
@@ -34,9 +33,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "proma_accum.integrations.trl needs TRL: pip install 'proma-accum[trl]'"
     ) from exc
 
+from .. import ProjectedAccumulator
 from .hf_trainer import PromaTrainerMixin
 
-__all__ = ["PromaGRPOTrainer", "PromaTrainerMixin", "unfuse_lm_head"]
+__all__ = ["PromaGRPOTrainer", "PromaTrainerMixin", "UnfusedHead", "unfuse_lm_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,30 @@ logger = logging.getLogger(__name__)
 _ADVANTAGE_MODE_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo")
 
 
-def unfuse_lm_head(model: Any, temperature: float = 1.0, entropy_grad: Any = True) -> None:
+class UnfusedHead:
+    """The handle :func:`unfuse_lm_head` returns: ``active`` switches the unfused path on and
+    off (off: the model's previous forward runs unchanged); :meth:`restore` puts the previous
+    forward back, or, when another wrapper has been placed over it since (accelerate wraps the
+    forward for mixed precision), leaves the patch switched off for good."""
+
+    def __init__(self, model: Any, previous: Any, had_own: bool) -> None:
+        self.active = True
+        self._model, self._previous, self._had_own = model, previous, had_own
+        self.patched: Any = None
+
+    def restore(self) -> None:
+        self.active = False
+        model = self._model
+        if self.patched is None or vars(model).get("forward") is not self.patched:
+            return
+        if self._had_own:
+            model.forward = self._previous
+        else:
+            del model.forward
+        self.patched = None
+
+
+def unfuse_lm_head(model: Any, temperature: float = 1.0, entropy_grad: Any = True) -> UnfusedHead:
     """Replace the fused LM head TRL added to ``model`` by one that calls ``lm_head`` itself.
 
     ``model(..., labels=labels, fused_lm_head=True)`` then still returns TRL's
@@ -60,8 +83,13 @@ def unfuse_lm_head(model: Any, temperature: float = 1.0, entropy_grad: Any = Tru
         temperature: the temperature the logits are divided by (``GRPOConfig.temperature``).
         entropy_grad: bool, or a callable returning one: whether the entropy keeps its graph
             (needed only for an entropy bonus in the loss).
+
+    Returns:
+        An :class:`UnfusedHead`: switch it off with ``active = False``, undo it with
+        ``restore()``.
     """
     fused_forward = model.forward
+    handle = UnfusedHead(model, vars(model).get("forward"), "forward" in vars(model))
     takes_logits_to_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
     def _unfused_forward(
@@ -73,7 +101,9 @@ def unfuse_lm_head(model: Any, temperature: float = 1.0, entropy_grad: Any = Tru
         num_items_in_batch: Any = None,
         **kwargs: Any,
     ) -> Any:
-        if not fused_lm_head:
+        if not fused_lm_head or not handle.active:
+            if fused_lm_head:
+                kwargs["fused_lm_head"] = True
             return fused_forward(
                 *args,
                 labels=labels,
@@ -123,7 +153,9 @@ def unfuse_lm_head(model: Any, temperature: float = 1.0, entropy_grad: Any = Tru
             loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask, aux_loss=aux_loss
         )
 
-    model.forward = types.MethodType(_unfused_forward, model)
+    handle.patched = types.MethodType(_unfused_forward, model)
+    model.forward = handle.patched
+    return handle
 
 
 class PromaGRPOTrainer(PromaTrainerMixin, GRPOTrainer):
@@ -163,27 +195,23 @@ class PromaGRPOTrainer(PromaTrainerMixin, GRPOTrainer):
     # ------------------------------------------------------------------ set-up
     def _proma_prepare_model(self) -> None:
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._proma_unfused: UnfusedHead | None = None
         lm_head = base.get_output_embeddings()
         if lm_head is None:
             return
-        head_params = {p for p in lm_head.parameters() if p.requires_grad}
-        if not head_params:
-            return  # frozen head (e.g. LoRA elsewhere): the fused path needs no sequence data
-        aliases: dict[torch.nn.Parameter, list[str]] = {}
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            if p in head_params:
-                aliases.setdefault(p, []).append(name)
-        excluded = all(
-            any(fnmatch.fnmatchcase(a, pat) for a in names for pat in self._proma_exclude)
-            for names in aliases.values()
-        )
-        if excluded:
-            return
+        # Which of the head's tensors the accumulator would project: the coverage rules
+        # (exclusion patterns, kernels) decide, as for any tensor.
+        probe = ProjectedAccumulator(self.model, exclude=self._proma_exclude)
+        head = {p for p in lm_head.parameters() if p.requires_grad}
+        names = {p: n for n, p in self.model.named_parameters() if p in head}
+        projected = [names[p] for p in head if names[p] in probe.projected_parameters()]
+        if not projected:
+            return  # frozen or excluded head: the fused path needs no sequence data
         if self._proma_unfuse_lm_head:
             logger.warning(
-                "PROMA: TRL's fused LM head is turned off: the LM head weight is projected, "
-                "which needs the lm_head module's own forward (per-sequence data). The "
-                "logits of the completion positions are materialised instead. Pass "
+                "PROMA: TRL's fused LM head is turned off during train(): the LM head weight "
+                "is projected, which needs the lm_head module's own forward (per-sequence "
+                "data). The logits of the completion positions are materialised instead. Pass "
                 "proma_unfuse_lm_head=False to keep the fused head and accumulate the LM head "
                 "(and an embedding tied to it) plainly."
             )
@@ -193,15 +221,32 @@ class PromaGRPOTrainer(PromaTrainerMixin, GRPOTrainer):
                 trainer = ref()
                 return bool(getattr(trainer, "_entropy_bonus_enabled", True))
 
-            unfuse_lm_head(base, temperature=self.temperature, entropy_grad=entropy_grad)
+            # In place from now on (accelerate wraps the forward it finds when train() starts),
+            # but switched on only while train() runs.
+            self._proma_unfused = unfuse_lm_head(
+                base, temperature=self.temperature, entropy_grad=entropy_grad
+            )
+            self._proma_unfused.active = False
         else:
-            for names in aliases.values():
-                self._proma_exclude.append(_glob_escape(names[0]))
+            self._proma_exclude.extend(_glob_escape(n) for n in projected)
             logger.warning(
                 "PROMA: TRL's fused LM head is kept (proma_unfuse_lm_head=False): %s "
                 "accumulated plainly.",
-                ", ".join(names[0] for names in aliases.values()),
+                ", ".join(projected),
             )
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``GRPOTrainer.train``, with the LM head unfused while it runs (see the class
+        docstring); switched off again when it returns or raises, so that outside ``train()``
+        the model's forward behaves as TRL's."""
+        unfused = self._proma_unfused
+        if unfused is not None:
+            unfused.active = True
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if unfused is not None:
+                unfused.active = False
 
     def _proma_check_advantage_mode(self) -> None:
         problems = []
