@@ -114,8 +114,7 @@ def test_one_eigendecomposition_per_update_and_reference_result(projection, case
     new, info = accumulate_proma(
         acc, grad, _linear_seq_grads(s, grad), projection=projection, clamp=None, strength=1.0
     )
-    expected_calls = {"independent": 1, "zero": 2, "nearly_dependent": 2}[case]
-    assert len(calls) == expected_calls, calls
+    assert len(calls) == 1, calls  # one eigendecomposition, whatever the conditioning
     expected = accumulate_proma_reference(acc, grad, s[:k], projection=projection, clamp=None)
     torch.testing.assert_close(new.double(), expected, rtol=1e-5, atol=1e-5)
     assert int(info.rank) == (k - 1 if case == "zero" else k)

@@ -29,7 +29,7 @@ Where things live (public modules first):
   constructor validation; ``_stats``: diagnostics.
 """
 
-from ._accumulator import ProjectedAccumulator
+from ._accumulator import MicrobatchFailedError, ProjectedAccumulator
 from ._consistency import IncompleteSequenceDataError
 from ._layout import ShapeMismatchError
 
@@ -37,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IncompleteSequenceDataError",
+    "MicrobatchFailedError",
     "ProjectedAccumulator",
     "ShapeMismatchError",
     "__version__",

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._capture import Capture, capture_forward
-from ._consistency import Consistency, tolerance
+from ._consistency import Consistency, tolerance, verify_all
 from ._coverage import discover
 from ._distributed import ShardedSlot, Taken, data_parallel
 from ._hooks import HookSet
@@ -29,6 +29,12 @@ from ._seq_grads import TensorSequenceGradients
 from ._settings import DEFAULT_CHUNK_BYTES, validate
 from ._stats import StatsRecorder, flatten
 from ._workspace import Workspace
+
+
+class MicrobatchFailedError(RuntimeError):
+    """The backward inside a microbatch context raised, and the exception was caught inside
+    the context; every ``p.grad`` has been restored (the original is ``__cause__``)."""
+
 
 # Called with (parameter name, rows, per-sequence gradients of those rows): see
 # ``proma_accum.testing.record_sequence_gradients``.
@@ -46,6 +52,25 @@ class _Microbatch:
     # Projected tensors accumulated plainly in this microbatch: those of layers whose kernel
     # needs one sequence per row (the Opacus fallback), under per-token seq_ids.
     plain: frozenset[nn.Parameter] = frozenset()
+    # The consistency checks of the projected tensors, verified together at the context exit.
+    checks: list[Consistency] = field(default_factory=list)
+    # The first exception raised inside a gradient hook (the backward failed), even if the
+    # body caught it: the microbatch then fails at the context exit.
+    error: BaseException | None = None
+    # True from the first gradient hook of a backward until that backward completes: still
+    # True at the exit means the backward raised (anywhere) and the body caught it.
+    backward_pending: bool = False
+
+    def backward_started(self) -> None:
+        if not self.backward_pending:
+            self.backward_pending = True
+            # PRIVATE: autograd's engine runs queued callbacks when the running backward
+            # completes, and not when it raises (DDP and FSDP use the same hook; there is no
+            # public API for it). Checked on torch 2.13.0.
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_completed)
+
+    def _backward_completed(self) -> None:
+        self.backward_pending = False
 
 
 class ProjectedAccumulator:
@@ -243,6 +268,19 @@ class ProjectedAccumulator:
         self._state = state
         try:
             yield self
+            if state.error is not None or state.backward_pending:
+                what = (
+                    f"raised {type(state.error).__name__}: {state.error}"
+                    if state.error is not None
+                    else "did not complete (an exception was raised inside it)"
+                )
+                raise MicrobatchFailedError(
+                    f"the backward of this microbatch {what} — and the exception was caught "
+                    "inside the microbatch context. A microbatch is all-or-nothing: every "
+                    "p.grad has been restored to what it was before it. To skip a bad batch, "
+                    "catch the exception outside the `with acc.microbatch(...)` block."
+                ) from state.error
+            verify_all(state.checks)  # the one host synchronisation of the checks
             self._replicated = synced
         except BaseException:
             for taken in state.before.values():
@@ -321,6 +359,18 @@ class ProjectedAccumulator:
         state = self._state
         if state is None:
             return None  # a backward outside any microbatch: plain accumulation
+        state.backward_started()
+        try:
+            return self._accumulate(p, grad, state)
+        except BaseException as error:
+            if state.error is None:
+                state.error = error  # the microbatch fails at exit even if this is caught
+            raise
+
+    def _accumulate(
+        self, p: nn.Parameter, grad: torch.Tensor, state: _Microbatch
+    ) -> torch.Tensor | None:
+        """The new running gradient of ``p`` (see :meth:`_on_grad`)."""
         cov = self._coverage
         name = cov.names[p]
         if p in state.before:
@@ -387,6 +437,7 @@ class ProjectedAccumulator:
         if not (verified and len(uses) == 1):
             rtol = tolerance(target.dtype, [d for cap, _ in captures for d in cap.input_dtypes()])
             check = Consistency(name, [type(cap.module).__name__ for cap, _ in uses], rtol)
+            state.checks.append(check)
         observer = self._observer
         seq_grads = TensorSequenceGradients(
             name,

@@ -1,9 +1,14 @@
 """The consistency check: a covered tensor's gradient must be the sum of its per-sequence parts.
 
-Before anything is projected, ``Σ_i S_i`` (padding row included) is compared with the gradient
-autograd computed for the tensor: a mismatch means part of the gradient came from outside the
-hooked layers (a fused LM head, a penalty on the weights) and raises
+``Σ_i S_i`` (padding row included) is compared with the gradient autograd computed for the
+tensor: a mismatch means part of the gradient came from outside the hooked layers (a fused LM
+head, a penalty on the weights, a user hook) and the microbatch fails with
 :class:`IncompleteSequenceDataError` instead of silently using incomplete per-sequence data.
+
+The comparison stays on the device: each tensor's relative mismatch is kept as a 0-d tensor, and
+:func:`verify_all` checks every tensor of a microbatch at once when its context exits (one host
+synchronisation per microbatch, whatever the number of tensors); a failure there restores every
+``p.grad`` like any other failure inside the microbatch.
 
 Uses whose weight gradient autograd received from the fused backward (``Capture.returned``, the
 sum of their per-sequence gradients) are subtracted from that gradient instead of being summed
@@ -55,6 +60,8 @@ class Consistency:
     # Partial squared norms, summed in float64 at the end: ‖Σ_i S_i − g‖² and ‖g‖².
     _mismatch: list[torch.Tensor] = field(default_factory=list)
     _total: list[torch.Tensor] = field(default_factory=list)
+    # ‖Σ_i S_i − g‖ / ‖g‖ as a 0-d float64 tensor, once computed (see ``verify_all``).
+    ratio: torch.Tensor | None = None
 
     def add_block(self, seq_block: torch.Tensor, grad_block: torch.Tensor) -> None:
         """Account one column block: ``seq_block: (k + 1, n)`` per-sequence parts, ``grad_block:
@@ -65,29 +72,54 @@ class Consistency:
         self._mismatch.append(sq_norm(residual))
         self._total.append(sq_norm(g_block))
 
-    def verify(self, device: torch.device, outside: torch.Tensor | None = None) -> None:
-        """Raise unless the blocks added so far match; ``outside`` is ``‖g‖²`` on rows no
+    def finish(self, device: torch.device, outside: torch.Tensor | None = None) -> None:
+        """Reduce the blocks added so far to :attr:`ratio`; ``outside`` is ``‖g‖²`` on rows no
         sequence touched (their norm is taken directly: a difference of two large norms would
         cancel)."""
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        mismatch = torch.stack(self._mismatch).sum() if self._mismatch else zero
-        total = torch.stack(self._total).sum() if self._total else zero
+        mismatch, total = _sum(self._mismatch, device), _sum(self._total, device)
         if outside is not None:
             mismatch, total = mismatch + outside, total + outside
-        self.raise_unless_close(mismatch, total)
+        self.set_ratio(mismatch, total)
 
-    def raise_unless_close(self, mismatch: torch.Tensor, total: torch.Tensor) -> None:
-        """Raise unless ``sqrt(mismatch) <= rtol * sqrt(total)`` (squared norms)."""
-        if bool(mismatch.sqrt() > self.rtol * total.sqrt() + 1e-30):
-            raise IncompleteSequenceDataError(
-                f"parameter '{self.name}': its gradient is not the sum of the per-sequence "
-                f"gradients its hooked layers ({', '.join(sorted(set(self.layers)))}) saw "
-                f"(relative mismatch "
-                f"{float(mismatch.sqrt() / total.sqrt().clamp(min=1e-300)):.3g}). Part of the "
-                "gradient comes from outside those layers' forward, e.g. a fused LM head that "
-                "uses the weight directly, or a penalty term on the weight. Call the layer "
-                "module itself, or exclude the parameter with exclude=[...]."
-            )
+    def set_ratio(self, mismatch: torch.Tensor, total: torch.Tensor) -> None:
+        """:attr:`ratio` from squared norms (0 when both are 0)."""
+        self.ratio = mismatch.sqrt() / total.sqrt().clamp(min=1e-300)
+
+    def error(self) -> IncompleteSequenceDataError:
+        ratio = float(self.ratio) if self.ratio is not None else float("nan")
+        return IncompleteSequenceDataError(
+            f"parameter '{self.name}': its gradient is not the sum of the per-sequence "
+            f"gradients its hooked layers ({', '.join(sorted(set(self.layers)))}) saw "
+            f"(relative mismatch {ratio:.3g}, tolerance {self.rtol:.3g}). Part of the gradient "
+            "came from outside those layers' forward: e.g. a fused LM head that uses the "
+            "weight directly, a penalty term on the weight, or a hook that changes a gradient. "
+            "Call the layer module itself, or exclude the parameter with exclude=[...]. Every "
+            "p.grad has been restored to what it was before this microbatch."
+        )
+
+
+def _sum(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(parts).sum()
+
+
+def verify_all(checks: Sequence[Consistency]) -> None:
+    """Raise the first failed check's error, with one host synchronisation for all of them.
+
+    A non-finite ratio (a NaN or Inf in the microbatch) does not fail: non-finite values are
+    accumulated as plain accumulation would (see ``accumulate_proma``).
+    """
+    done = [c for c in checks if c.ratio is not None]
+    if not done:
+        return
+    ratios = torch.stack([c.ratio for c in done])  # type: ignore[misc]
+    rtols = torch.tensor([c.rtol for c in done], dtype=ratios.dtype, device=ratios.device)
+    failed = ratios > rtols
+    if bool(failed.any()):
+        raise done[int(failed.to(torch.uint8).argmax())].error()
 
 
 def check_remainder(
@@ -118,16 +150,16 @@ def check_remainder(
         mismatch = sq_norm(residual)
     # Rows no other use touched: autograd's gradient minus the fused sums must be zero.
     n, row_numel = grad.shape[0], grad[0].numel()  # fused uses are Linear-like: dim >= 1
+    untouched = torch.ones(n, dtype=dtype, device=device)
+    untouched[rows] = 0  # 1 on the rows to check here, 0 on the rows checked above
     per_block = max(1, _CHECK_BLOCK_BYTES // (row_numel * dtype.itemsize))
-    buffer = torch.empty((min(per_block, n), *grad.shape[1:]), dtype=dtype, device=device)
-    bounds = torch.searchsorted(rows, torch.arange(0, n + per_block, per_block, device=device))
-    starts = bounds.tolist()
-    for i, a in enumerate(range(0, n, per_block)):
+    buffer = torch.empty((min(per_block, n), row_numel), dtype=dtype, device=device)
+    for a in range(0, n, per_block):
         b = min(a + per_block, n)
         rest = buffer[: b - a]
-        rest.copy_(grad[a:b])
+        rest.copy_(grad[a:b].reshape(b - a, row_numel))
         for returned in fused_sums:
-            rest -= returned[a:b]
-        rest.index_fill_(0, rows[starts[i] : starts[i + 1]] - a, 0)
+            rest -= returned[a:b].reshape(b - a, row_numel)
+        rest *= untouched[a:b, None]
         mismatch = mismatch + sq_norm(rest)
-    check.raise_unless_close(mismatch, sq_norm(grad))
+    check.set_ratio(mismatch, sq_norm(grad))

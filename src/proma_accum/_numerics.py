@@ -33,9 +33,9 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     one rounding of that dtype) and the row norms in float64, so no float64 copy of a large
     ``x`` is made (that copy costs ~20x the reduction).
     """
+    if x.numel() <= _NORM_SMALL or x.dtype == torch.float64:
+        return torch.linalg.vector_norm(x, dtype=torch.float64)
     flat = x.reshape(-1)
-    if flat.numel() <= _NORM_SMALL or x.dtype == torch.float64:
-        return torch.linalg.vector_norm(flat, dtype=torch.float64)
     head = flat.numel() - flat.numel() % _NORM_ROW
     dtype = torch.promote_types(x.dtype, torch.float32)
     rows = torch.linalg.vector_norm(flat[:head].view(-1, _NORM_ROW), dim=1, dtype=dtype)
@@ -54,13 +54,6 @@ class UnitGram(NamedTuple):
     gram: torch.Tensor
     inv_norms: torch.Tensor
     nonzero: torch.Tensor
-
-
-class Spectrum(NamedTuple):
-    """``Ĝ`` of a Gram matrix and, when it was computed, ``torch.linalg.eigh(Ĝ)``."""
-
-    unit: UnitGram
-    eigh: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def normalized_gram(gram: torch.Tensor) -> UnitGram:

@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from ._numerics import Spectrum, UnitGram, kept_eigenvalues, norm, normalized_gram
+from ._numerics import UnitGram, kept_eigenvalues, norm, normalized_gram
 
 Projection = Literal["exact", "gs2"]
 
@@ -45,10 +45,6 @@ class SequenceGradients(Protocol):
         """A new tensor ``running + mcb_grad + Σ_i weights[i] g_i`` (``mcb_grad`` None: omitted)."""
         ...
 
-    # None, or the spectrum of the ``G`` that ``gram_and_inner`` returned, when it computed it
-    # anyway (the projection reuses it).
-    spectrum: Spectrum | None
-
 
 def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """``c`` with ``Σ c_i g_i`` the orthogonal projection of ``running`` onto ``span(g)``.
@@ -60,7 +56,7 @@ def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Te
     """
     unit = normalized_gram(gram)
     eigh = torch.linalg.eigh(unit.gram)
-    return _coefficients_exact(unit, eigh, kept_eigenvalues(eigh[0]), inner)
+    return _coefficients_exact(unit, eigh, kept_eigenvalues(eigh[0]), inner)[0]
 
 
 def _coefficients_exact(
@@ -68,11 +64,14 @@ def _coefficients_exact(
     eigh: tuple[torch.Tensor, torch.Tensor],
     kept: torch.Tensor,
     inner: torch.Tensor,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c, ‖P(running)‖²)``: ``α = V Λ⁺ Vᵀ r̂``, and ``‖Σ c_i g_i‖² = r̂ᵀ Ĝ⁺ r̂``, which is
+    ``(Vᵀr̂)ᵀ Λ⁺ (Vᵀr̂)``."""
     eigval, eigvec = eigh
     inv = torch.where(kept, eigval.reciprocal(), 0.0)
-    alpha = eigvec @ (inv * (eigvec.T @ (inner * unit.inv_norms)))
-    return alpha * unit.inv_norms
+    rotated = eigvec.T @ (inner * unit.inv_norms)
+    scaled = inv * rotated
+    return (eigvec @ scaled) * unit.inv_norms, rotated @ scaled
 
 
 def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
@@ -116,21 +115,20 @@ class UpdateInfo:
     mcb_norm: torch.Tensor
 
 
-def _span_coefficients_and_rank(
-    projection: Projection,
-    gram: torch.Tensor,
-    inner: torch.Tensor,
-    spectrum: Spectrum | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``SPAN_COEFFICIENTS[projection](gram, inner)`` and the dimension of ``span(g)``, with
-    one eigendecomposition of ``Ĝ`` serving both (or the one the sequence gradients computed)."""
-    unit, eigh = spectrum or Spectrum(normalized_gram(gram), None)
+def _span_coefficients(
+    projection: Projection, gram: torch.Tensor, inner: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(c, ‖Σ c_i g_i‖², dim span(g))`` for ``SPAN_COEFFICIENTS[projection]``, with one
+    eigendecomposition of ``Ĝ`` serving the coefficients and the rank."""
+    unit = normalized_gram(gram)
     if projection == "exact":
-        eigh = eigh or torch.linalg.eigh(unit.gram)
+        eigh = torch.linalg.eigh(unit.gram)
         kept = kept_eigenvalues(eigh[0])
-        return _coefficients_exact(unit, eigh, kept, inner), kept.sum()
-    eigval = eigh[0] if eigh else torch.linalg.eigvalsh(unit.gram)
-    return _coefficients_gs2(unit, inner), kept_eigenvalues(eigval).sum()
+        coeffs, proj_sq = _coefficients_exact(unit, eigh, kept, inner)
+        return coeffs, proj_sq, kept.sum()
+    eigval = torch.linalg.eigvalsh(unit.gram)
+    coeffs = _coefficients_gs2(unit, inner)
+    return coeffs, coeffs @ (gram @ coeffs), kept_eigenvalues(eigval).sum()
 
 
 def accumulate_proma(
@@ -160,6 +158,12 @@ def accumulate_proma(
     Returns:
         The new running gradient (compute dtype) and diagnostics (None when nothing was
         accumulated yet, so nothing was projected).
+
+    Non-finite values: when ``G``, ``r`` or ``‖g‖`` is not finite (a NaN or Inf in the
+    microbatch or in ``running``), nothing is projected and the update is plain accumulation
+    (``running + g``; with ``advantages``, ``running + Σ_i adv_i g_i``): the result is
+    non-finite where plain accumulation's is (an Inf may come out as NaN). Decided on the
+    device, with no host synchronisation; the eigensolver only ever sees finite input.
     """
     gram, inner = seq_grads.gram_and_inner(running)  # G_ij = ⟨g_i, g_j⟩, r_i = ⟨g_i, running⟩
     if advantages is None:
@@ -173,15 +177,19 @@ def accumulate_proma(
             return mcb_grad, None
         return seq_grads.combine(advantages), None
 
-    coeffs, rank = _span_coefficients_and_rank(projection, gram, inner, seq_grads.spectrum)
-    proj_norm = (coeffs @ (gram @ coeffs)).clamp(min=0).sqrt()
+    # Everything finite iff this sum is (x - x is 0 for finite x, NaN otherwise).
+    total = gram.sum() + inner.sum() + mcb_norm
+    finite = (total - total) == 0
+    gram, inner = gram.nan_to_num(0.0, 0.0, 0.0), inner.nan_to_num(0.0, 0.0, 0.0)
+    coeffs, proj_sq, rank = _span_coefficients(projection, gram, inner)
+    proj_norm = proj_sq.clamp(min=0).sqrt()
     if clamp is None:
-        scale = torch.ones_like(proj_norm)
-        clamped = torch.zeros_like(proj_norm, dtype=torch.bool)
+        scale = finite.double()
+        clamped = torch.zeros_like(finite)
     else:
         bound = mcb_norm * (clamp / world)
-        scale = (bound / proj_norm.clamp(min=1e-300)).clamp(max=1.0)
-        clamped = proj_norm > bound
+        scale = torch.where(finite, (bound / proj_norm.clamp(min=1e-300)).clamp(max=1.0), 0.0)
+        clamped = (proj_norm > bound) & finite
     # The weights of the g_i in complemented_acc_grad + mcb_policy_grad - running.
     weights = coeffs * (scale * (-world * strength))
     if mcb_weights is not None:

@@ -5,9 +5,15 @@ microbatch; every use with a gradient contributes. The per-sequence gradients
 ``S: (k + 1, rows, ...)`` are formed chunk by chunk over the tensor's rows (:class:`ChunkPlan`),
 each chunk at most ``chunk_bytes``, and freed as soon as it is used. When one chunk holds
 everything it is kept between the two passes (``gram_and_inner`` then ``combine``); otherwise it
-is formed again. Before anything is projected the first pass checks them against autograd's
-gradient (``_consistency``); the Gram matrix is formed in float32 unless the precision policy
-(:func:`needs_float64_gram`) asks for a float64 pass.
+is formed again. The first pass also measures how far they are from autograd's gradient
+(``_consistency``).
+
+Precision, decided without looking at the data (no host synchronisation): ``S`` is formed in the
+parameter's compute dtype (float32 for bf16, fp16 and float32 parameters); the Gram matrix, the
+inner products and the combination multiply float32 values in float64, where their products
+are exact. Nearly dependent sequence gradients then need no special case: their Gram matrix
+resolves eigenvalues far below float32's, and the large coefficients of mixed sign they bring
+do not cancel catastrophically in the combination.
 """
 
 from __future__ import annotations
@@ -21,43 +27,39 @@ from ._capture import Capture
 from ._consistency import Consistency, check_remainder
 from ._kernels import LayerUse
 from ._kernels._base import Rows
-from ._numerics import Spectrum, normalized_gram, sq_norm
 from ._workspace import Workspace
 
 _GRAM_BLOCK_BYTES = 8 * 2**20
-_FP32_MAX_CANCELLATION = 64.0
-_FP32_GRAM_MAX_CONDITION = 100.0
 
 # Called with (rows, S) for every chunk of per-sequence gradients the first pass reads.
 Observer = Callable[[Rows, torch.Tensor], None]
 
 
-def _weighted_sum(w: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor:
-    """``Σ_i w_i s_i`` for ``s: (k, ...)``; with ``exact``, accumulated in float64 blocks.
+def _weighted_sum(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``Σ_i w_i s_i`` for ``s: (k, ...)`` and float64 ``w``, accumulated in float64 blocks.
 
     The projection coefficients of nearly dependent sequence gradients are large and of mixed
-    sign; summing those in float32 cancels catastrophically (error ~ κ · eps32).
+    sign; summing those in float32 would cancel catastrophically (error ~ κ · eps32).
     """
     flat = s.reshape(s.shape[0], -1)
-    if not exact:
-        return (w.to(s.dtype) @ flat).view(s.shape[1:])
     out = torch.empty(flat.shape[1], dtype=s.dtype, device=s.device)
     cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(s.shape[0], 1)))
     for a in range(0, flat.shape[1], cols):
-        out[a : a + cols] = (w @ flat[:, a : a + cols].double()).to(s.dtype)
+        out[a : a + cols] = w @ flat[:, a : a + cols].double()
     return out.view(s.shape[1:])
 
 
-def _add_weighted_sum(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exact: bool) -> None:
-    """``out += Σ_i w_i s_i`` in place, for a contiguous ``out`` shaped like ``s[0]``."""
+def _add_weighted_sum(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> None:
+    """``out += Σ_i w_i s_i`` in place (float64 accumulation), for a contiguous ``out`` shaped
+    like ``s[0]``."""
     flat = s.reshape(s.shape[0], -1)
     target = out.view(-1)
-    if not exact:
-        target.addmv_(flat.T, w.to(s.dtype))
-        return
     cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(s.shape[0], 1)))
+    if cols >= flat.shape[1]:  # one block: no slicing
+        target += w @ flat.double()
+        return
     for a in range(0, flat.shape[1], cols):
-        target[a : a + cols] += (w @ flat[:, a : a + cols].double()).to(s.dtype)
+        target[a : a + cols] += w @ flat[:, a : a + cols].double()
 
 
 def _sum_parts(
@@ -71,11 +73,12 @@ def _sum_parts(
     return torch.stack(parts).double().sum(0)
 
 
-def _untouched(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The rows of ``t`` (along dim 0) not listed in ``rows``."""
-    keep = torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
-    keep[rows] = False
-    return t[keep]
+def _untouched_sq_norm(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``‖t‖²`` over the rows of ``t`` (along dim 0) not listed in ``rows`` (float64, 0-d)."""
+    row_sq = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=torch.float64)
+    row_sq = row_sq.square()
+    row_sq[rows] = 0.0
+    return row_sq.sum()
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class ChunkPlan:
         """``touched``: per use, the rows it can touch (None: any)."""
         rows: torch.Tensor | None = None
         if touched and all(t is not None for t in touched):
-            rows = torch.unique(torch.cat(touched))  # type: ignore[arg-type]
+            # Each use's rows are sorted and unique already: one use needs no union.
+            rows = touched[0] if len(touched) == 1 else torch.unique(torch.cat(touched))  # type: ignore[arg-type]
             n_rows = rows.numel()
         else:
             n_rows = param.shape[0] if param.dim() else 1
@@ -109,27 +113,6 @@ class ChunkPlan:
         bounds = [(a, min(a + per_chunk, n_rows)) for a in range(0, n_rows, per_chunk)]
         chunks: list[Rows] = [slice(a, b) if rows is None else rows[a:b] for a, b in bounds]
         return cls(rows, chunks)
-
-
-def needs_float64_gram(gram: torch.Tensor) -> tuple[bool, Spectrum]:
-    """The precision policy: whether a float32 Gram matrix ``G`` must be formed again in float64.
-
-    Each float32 entry ``G_ij`` is accurate to about ``eps32 · ‖g_i‖ ‖g_j‖``, enough when the
-    normalised Gram ``Ĝ`` of the nonzero ``g_i`` is well conditioned; when
-    ``λ_min(Ĝ) < λ_max(Ĝ) / _FP32_GRAM_MAX_CONDITION`` (nearly dependent or repeated sequences)
-    the rank decision and the projection need a float64 pass. Returns the policy's decision and
-    the spectrum it computed (``eigh`` of ``Ĝ`` when every ``g_i`` is nonzero, for the projection
-    to reuse).
-    """
-    unit = normalized_gram(gram)
-    eigh = None
-    if bool(unit.nonzero.all()):
-        eigh = torch.linalg.eigh(unit.gram)  # the projection needs it too
-        eigval = eigh[0]
-    else:
-        eigval = torch.linalg.eigvalsh(unit.gram[unit.nonzero][:, unit.nonzero])
-    ill = bool(eigval.numel()) and bool(eigval[0] * _FP32_GRAM_MAX_CONDITION < eigval[-1])
-    return ill, Spectrum(unit, eigh)
 
 
 class TensorSequenceGradients:
@@ -183,9 +166,6 @@ class TensorSequenceGradients:
             touched.append(None)
         self.plan = ChunkPlan.plan(param, touched, num_sequences, self.dtype, chunk_bytes)
         self._kept: torch.Tensor | None = None
-        # The spectrum of the G that gram_and_inner returned, when it computed it anyway.
-        self.spectrum: Spectrum | None = None
-        self._gram: torch.Tensor | None = None  # G, once gram_and_inner formed it
         # Check by subtracting the fused uses' returned sums (see ``_consistency``) when every
         # fused use has one and the other uses say which rows they touch.
         others = touched[: len(self._inputs)]
@@ -231,9 +211,8 @@ class TensorSequenceGradients:
             self.workspace.released(s)
 
     def gram_and_inner(self, running: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(G, r)`` in float64, from one float32 pass over the sequence gradients (a float64
-        pass follows when :func:`needs_float64_gram` says so). The first pass also runs the
-        consistency check."""
+        """``(G, r)`` in float64, from one pass over the sequence gradients, which also runs the
+        consistency check (its result stays on the device: ``check.ratio``)."""
         check = self.check
         if check is not None and self._remainder_rows is not None:
             check_remainder(
@@ -245,17 +224,6 @@ class TensorSequenceGradients:
                 self.dtype,
             )
             check = None
-        gram, inner = self._pass(running, precise=False, check=check)
-        ill, self.spectrum = needs_float64_gram(gram)
-        if ill:
-            gram, inner = self._pass(running, precise=True, check=None)
-            self.spectrum = None
-        self._gram = gram
-        return gram, inner
-
-    def _pass(
-        self, running: torch.Tensor | None, precise: bool, check: Consistency | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.num_sequences
         # Partial results of the blocks, summed in float64 at the end.
         grams: list[torch.Tensor] = []
@@ -263,25 +231,29 @@ class TensorSequenceGradients:
         grad = self.autograd_grad
         chunks = self.plan.chunks
         for rows in chunks:
-            s = self._kept if self._kept is not None else self._form(rows)
-            self._kept = None
-            if self.observer is not None and not precise:
+            s = self._form(rows)
+            if self.observer is not None:
                 self.observer(rows, s)
             flat = s.reshape(k + 1, -1)
-            g_rows = grad[rows].reshape(-1)
-            running_rows = None if running is None else running[rows].reshape(-1)
+            whole = isinstance(rows, slice) and rows == slice(None)  # no indexing op: all rows
+            g_rows = (grad if whole else grad[rows]).reshape(-1)
+            running_rows = None
+            if running is not None:
+                running_rows = (running if whole else running[rows]).reshape(-1)
             # Column blocks that stay in cache: the Gram matrix, the inner products and the
             # sum check read each block once (whole-tensor calls would read S three times).
-            item = 8 if precise else flat.element_size()
-            cols = max(1, _GRAM_BLOCK_BYTES // (item * (k + 1)))
+            cols = max(1, _GRAM_BLOCK_BYTES // (8 * (k + 1)))
             for a in range(0, flat.shape[1], cols):
-                block = flat[:, a : a + cols]
+                one = cols >= flat.shape[1]  # one block: no slicing ops
+                block = flat if one else flat[:, a : a + cols]
+                g_block = g_rows if one else g_rows[a : a + cols]
                 if check is not None:
-                    check.add_block(block, g_rows[a : a + cols])
-                seqs = block[:k].double() if precise else block[:k]
+                    check.add_block(block, g_block)
+                seqs = block[:k].double()
                 grams.append(seqs @ seqs.T)
                 if running_rows is not None:
-                    inners.append(seqs @ running_rows[a : a + cols].to(seqs.dtype))
+                    r_block = running_rows if one else running_rows[a : a + cols]
+                    inners.append(seqs @ r_block.double())
             if len(chunks) == 1:
                 self._kept = s
             else:
@@ -289,17 +261,11 @@ class TensorSequenceGradients:
         device = self.param.device
         if check is not None:
             rows = self.plan.rows
-            outside = None if rows is None else sq_norm(_untouched(grad, rows))
-            check.verify(device, outside)
+            check.finish(device, None if rows is None else _untouched_sq_norm(grad, rows))
         return _sum_parts(grams, (k, k), device), _sum_parts(inners, (k,), device)
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
-        """``Σ_i w_i g_i``; in float32 unless cancellation would cost accuracy.
-
-        The cancellation factor ``κ = Σ_i |w_i| ‖g_i‖ / ‖Σ_i w_i g_i‖`` (from the Gram matrix)
-        bounds the float32 error by ``κ · eps32`` relative; above ``_FP32_MAX_CANCELLATION`` the
-        sum is accumulated in float64 (nearly dependent sequence gradients, large coefficients).
-        """
+        """``Σ_i w_i g_i``, accumulated in float64 (see the module docstring)."""
         out = torch.empty(self.param.shape, dtype=self.dtype, device=self.param.device)
         if self.plan.rows is not None or len(self.plan.chunks) > 1:
             out.zero_()
@@ -311,8 +277,7 @@ class TensorSequenceGradients:
         """A new tensor ``running + mcb_grad + Σ_i w_i g_i`` (``mcb_grad`` None: left out).
 
         The combination is added into ``running + mcb_grad`` in the same pass that reads the
-        sequence gradients (no temporary of the tensor's size), with the precision of
-        :meth:`combine`.
+        sequence gradients (no temporary of the tensor's size), accumulated in float64.
         """
         if mcb_grad is None:
             base = running.to(self.dtype, copy=True)
@@ -323,20 +288,15 @@ class TensorSequenceGradients:
     def _combine_into(self, out: torch.Tensor, weights: torch.Tensor, add: bool) -> torch.Tensor:
         k = self.num_sequences
         w = weights.to(torch.float64)
-        gram = self._gram
-        assert gram is not None, "gram_and_inner() forms G before any combination"
-        # κ > _FP32_MAX_CANCELLATION, compared squared: (Σ|w_i| ‖g_i‖)² > κ_max² ‖Σ w_i g_i‖².
-        spread = w.abs() @ gram.diagonal().sqrt()
-        exact = bool(spread.square() > _FP32_MAX_CANCELLATION**2 * (w @ (gram @ w)))
         for rows in self.plan.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
             self._kept = None
             if not add:
-                out[rows] = _weighted_sum(w, s[:k], exact)
+                out[rows] = _weighted_sum(w, s[:k])
             elif isinstance(rows, slice):
-                _add_weighted_sum(out[rows], w, s[:k], exact)  # a view: rows of dim 0
+                _add_weighted_sum(out[rows], w, s[:k])  # a view: rows of dim 0
             else:
-                out.index_add_(0, rows, _weighted_sum(w, s[:k], exact))
+                out.index_add_(0, rows, _weighted_sum(w, s[:k]))
             self._release(s)
         return out
 

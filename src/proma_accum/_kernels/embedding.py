@@ -31,10 +31,9 @@ class EmbeddingKernel(Kernel):
         return x.shape
 
     def touched_rows(self, use: LayerUse) -> torch.Tensor | None:
-        ids = torch.unique(use.x)
-        if use.module.padding_idx is not None:
-            ids = ids[ids != use.module.padding_idx]
-        return ids
+        # ``padding_idx`` may be among them: its tokens are masked out (``_positions``), so its
+        # row stays zero. (Filtering it here would cost a host synchronisation.)
+        return torch.unique(use.x)
 
     def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
         n_rows = _row_index(rows, use.module, use.x.device).numel()
@@ -53,7 +52,10 @@ class EmbeddingKernel(Kernel):
         k = seg.num_sequences
         seq = torch.where(seg.token_seq >= 0, seg.token_seq, k)
         flat = total.view((k + 1) * n_rows, -1)  # rows of (sequence, embedding row)
-        flat.index_add_(0, (seq * n_rows + pos)[keep], b[keep])
+        # Tokens that do not contribute add zeros (masking instead of selecting them keeps the
+        # shapes fixed: no host synchronisation).
+        if n_rows:
+            flat.index_add_(0, seq * n_rows + pos, torch.where(keep[:, None], b, 0.0))
 
     def grad_sum(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
         """``Σ_t b_t`` into row ``id_t``: the plain embedding gradient on ``rows``."""
@@ -62,7 +64,9 @@ class EmbeddingKernel(Kernel):
         pos, keep = _positions(rows, ids, use.module)
         b = tokens(use.grad_out, 1, dtype)
         total = b.new_zeros(rows.numel(), b.shape[-1])
-        return total.index_add_(0, pos[keep], b[keep])
+        if rows.numel():
+            total.index_add_(0, pos, torch.where(keep[:, None], b, 0.0))
+        return total
 
 
 def _positions(

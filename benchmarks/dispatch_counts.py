@@ -1,0 +1,141 @@
+"""ATen operators and host synchronisations of one microbatch's backward, counted on any device.
+
+A ``TorchDispatchMode`` sees every ATen operator the backward runs. Each operator is one kernel
+launch on a GPU; these count as host synchronisations (the CPU waits for the device):
+
+* ``aten::_local_scalar_dense`` — ``.item()``, ``bool(t)``, ``int(t)``, ``.tolist()``;
+* ``aten::nonzero``, ``aten::_unique2`` / ``unique_*``, ``aten::masked_select`` and indexing
+  with a boolean mask — their output size depends on the data;
+* ``aten::_linalg_eigh`` / ``linalg_eigvalsh`` — torch's eigensolvers check their error code
+  on the host ("When inputs are on a CUDA device, this function synchronizes that device with
+  the CPU", the torch docs) — listed apart, since on CPU the check reads memory directly.
+
+The workload: a tiny Qwen3 built from a config (hidden 32, vocab 61), ``k = 8`` sequences of
+32 tokens per microbatch, the backward of the second microbatch of a step (the first is plain
+accumulation: nothing to project yet). ``python -m benchmarks.dispatch_counts`` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_SYNC_OPS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive",
+             "masked_select", "repeat_interleave"}  # fmt: skip
+_EIGH_OPS = {"_linalg_eigh", "linalg_eigvalsh", "linalg_eigh"}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts ATen operators, host synchronisations and eigensolver calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = func.overloadpacket.__name__
+        self.ops[name] += 1
+        if name == "index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if len(args) > 1 else ())
+            if i is not None
+        ):
+            self.ops["index(bool mask)"] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(n for op, n in self.ops.items() if op != "index(bool mask)")
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.ops[o] for o in _SYNC_OPS) + self.ops["index(bool mask)"]
+
+    @property
+    def eigh(self) -> int:
+        return sum(self.ops[o] for o in _EIGH_OPS)
+
+
+@dataclass
+class Counts:
+    layers: int
+    projection: str
+    projected_tensors: int
+    plain_ops: int
+    proma_ops: int
+    proma_syncs: int
+    proma_eigh: int
+    exit_syncs: int
+
+    @property
+    def extra_ops_per_tensor(self) -> float:
+        return (self.proma_ops - self.plain_ops) / self.projected_tensors
+
+
+def _model(layers: int) -> torch.nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=61, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def _loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="sum")
+
+
+def count(layers: int = 1, projection: str = "exact", k: int = 8, tokens: int = 32) -> Counts:
+    """Counts for the backward of the second microbatch (and of the context exit)."""
+    from proma_accum import ProjectedAccumulator
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 61, (k, tokens), generator=gen) for _ in range(2)]
+    seq_ids = torch.arange(k)
+    model = _model(layers)
+    # plain PyTorch: the same backward, no accumulator
+    _loss(model, batches[0]).backward()
+    loss = _loss(model, batches[1])
+    with CountOps() as plain:
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    with ProjectedAccumulator(model, projection=projection) as acc:
+        with acc.microbatch(seq_ids):
+            _loss(model, batches[0]).backward()
+        mb = acc.microbatch(seq_ids)
+        mb.__enter__()
+        loss = _loss(model, batches[1])
+        with CountOps() as proma:
+            loss.backward()
+        with CountOps() as exit_ops:
+            mb.__exit__(None, None, None)
+        projected = len(acc.projected_parameters())
+    return Counts(layers, projection, projected, plain.total, proma.total, proma.syncs,
+                  proma.eigh, exit_ops.syncs)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 4])
+    args = parser.parse_args(argv)
+    print("| model | projection | projected tensors | ATen ops, plain | with PROMA | extra ops "
+          "per projected tensor | host syncs in the backward | at the context exit | "
+          "eigensolver calls (a sync each on CUDA) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for layers in args.layers:
+        for projection in ("exact", "gs2"):
+            c = count(layers, projection)
+            print(f"| {layers} layer{'s' if layers > 1 else ''} | {projection} | "
+                  f"{c.projected_tensors} | {c.plain_ops} | {c.proma_ops} | "
+                  f"{c.extra_ops_per_tensor:.0f} | {c.proma_syncs} | {c.exit_syncs} | "
+                  f"{c.proma_eigh} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The per-tensor hot path: host synchronisations and ATen operators pinned, failures of the
+backward caught inside the context, non-finite values, and the deferred consistency check."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import ToyLM, row_microbatches, toy_sequence_losses
+
+from benchmarks.dispatch_counts import CountOps, count
+from proma_accum import IncompleteSequenceDataError, MicrobatchFailedError, ProjectedAccumulator
+from proma_accum.testing import assert_grads_close, reference_accumulate
+
+# Measured with ``python -m benchmarks.dispatch_counts`` (tiny Qwen3, k = 8, 32 tokens); these
+# numbers may only go down. Syncs: the embedding's ``unique`` (its touched rows) in the
+# backward, and the consistency checks of every tensor together at the context exit.
+MAX_BACKWARD_SYNCS = 1
+MAX_EXIT_SYNCS = 1
+MAX_EXTRA_OPS_PER_TENSOR = {"exact": 90, "gs2": 95}
+
+
+@pytest.mark.parametrize("projection", ["exact", "gs2"])
+def test_host_syncs_per_microbatch_do_not_grow_with_the_model(projection):
+    small, large = count(layers=1, projection=projection), count(layers=4, projection=projection)
+    assert large.projected_tensors > 3 * small.projected_tensors
+    for c in (small, large):
+        assert c.proma_syncs <= MAX_BACKWARD_SYNCS, c
+        assert c.exit_syncs <= MAX_EXIT_SYNCS, c
+        assert c.extra_ops_per_tensor <= MAX_EXTRA_OPS_PER_TENSOR[projection], c
+
+
+def test_the_counter_sees_host_syncs():
+    """Negative control for the counts: each pattern that synchronises is counted."""
+    x = torch.randn(10)
+    with CountOps() as c:
+        bool(x.sum() > 0)
+        x[x > 0]
+        torch.unique(x)
+    assert c.syncs == 3  # (.tolist() and .cpu() of a CPU tensor dispatch nothing: not seen)
+    with CountOps() as c:
+        torch.where(x > 0, x, 0.0).sum()
+    assert c.syncs == 0
+
+
+def _run(acc, model, mb):
+    with acc.microbatch(mb["seq_ids"]):
+        toy_sequence_losses(model, mb).sum().backward()
+
+
+def test_an_exception_caught_inside_the_context_fails_the_microbatch(gen):
+    """The "skip a bad batch" pattern inside the context: the backward raises in the middle
+    (some tensors already updated), the body swallows it; the context exit restores every
+    p.grad bitwise and raises, and the next microbatch is exact."""
+    torch.manual_seed(0)
+    model = ToyLM()
+    mbs = row_microbatches(gen, 3, rows=4, length=5, vocab=23)
+    expected = reference_accumulate(model, [mbs[0], mbs[2]], toy_sequence_losses)
+    with ProjectedAccumulator(model) as acc:
+        _run(acc, model, mbs[0])
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        def boom(grad):
+            raise RuntimeError("bad batch")
+
+        with pytest.raises(MicrobatchFailedError, match="did not complete"):
+            with acc.microbatch(mbs[1]["seq_ids"]):
+                loss = toy_sequence_losses(model, mbs[1]).sum()
+                handle = model.proj.weight.register_hook(boom)  # raises after the head's update
+                try:
+                    loss.backward()
+                except RuntimeError:
+                    pass  # skipped, as a loop would
+                assert not torch.equal(model.head.weight.grad, before["head.weight"])
+        handle.remove()
+        for n, p in model.named_parameters():
+            assert torch.equal(p.grad, before[n]), n
+        _run(acc, model, mbs[2])
+    assert_grads_close(model, expected)
+
+
+def test_the_consistency_check_fails_at_the_context_exit(gen):
+    torch.manual_seed(0)
+    model = ToyLM()
+    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=23)
+    with ProjectedAccumulator(model) as acc:
+        _run(acc, model, mbs[0])
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+        with pytest.raises(IncompleteSequenceDataError, match=r"proj\.weight.*restored"):
+            with acc.microbatch(mbs[1]["seq_ids"]):
+                loss = toy_sequence_losses(model, mbs[1]).sum()
+                (loss + 0.1 * model.proj.weight.square().sum()).backward()  # returns normally
+        for n, p in model.named_parameters():
+            assert torch.equal(p.grad, before[n]), n
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["loss", "running"])
+def test_non_finite_values_accumulate_as_plain_accumulation_would(gen, bad, where):
+    """No eigensolver error: the running gradient is non-finite wherever plain accumulation's
+    is, finite where plain accumulation's is (so an isfinite check keeps working), and the
+    next step is exact again."""
+    torch.manual_seed(0)
+    model = ToyLM()
+    plain = copy.deepcopy(model)
+    mbs = row_microbatches(gen, 3, rows=4, length=5, vocab=23)
+
+    def step(acc, m, mb, poison):
+        with acc.microbatch(mb["seq_ids"]):
+            loss = toy_sequence_losses(m, mb).sum()
+            if poison and where == "loss":
+                loss = loss * bad
+            loss.backward()
+
+    with ProjectedAccumulator(model) as acc, ProjectedAccumulator(plain, strength=0.0) as ref:
+        for a, m in ((acc, model), (ref, plain)):
+            step(a, m, mbs[0], poison=False)
+            if where == "running":
+                with torch.no_grad():
+                    m.head.weight.grad[0, 0] = bad
+            step(a, m, mbs[1], poison=True)
+        for (n, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+            assert torch.equal(torch.isfinite(p.grad), torch.isfinite(q.grad)), n
+        assert not all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    # the next step, after zero_grad, is exact
+    model.zero_grad(set_to_none=True)
+    expected = reference_accumulate(model, [mbs[0], mbs[2]], toy_sequence_losses)
+    with ProjectedAccumulator(model) as acc:
+        _run(acc, model, mbs[0])
+        _run(acc, model, mbs[2])
+    assert_grads_close(model, expected)
