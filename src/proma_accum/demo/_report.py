@@ -15,9 +15,9 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 TABLE_METRICS = (
     ("val_reward", "(a) validation reward (sampled)"),
     ("val_reward_greedy", "    validation reward (greedy)"),
-    ("kl_from_initial", "(b) KL(current || initial)"),
+    ("kl_from_initial", "(b) KL(current ‖ initial)"),
     ("entropy", "(c) entropy per token"),
-    ("kl_successive", "(d) KL(current || previous step)"),
+    ("kl_successive", "(d) KL(current ‖ previous step)"),
 )
 #: (metric, title, y-axis label) of the figure's panels, as in the note's Figure 2.
 PANELS = (
@@ -31,13 +31,18 @@ COLORS = {"grpo": "tab:blue", "reinforce": "tab:orange", "proma": "tab:green",
 NON_INFERIORITY_MARGIN = 0.05
 
 
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
+def _present(xs: list[float | None]) -> list[float]:
+    """The values that are numbers (``results.json`` stores NaN as null)."""
+    return [x for x in xs if x is not None and not math.isnan(x)]
+
+
+def _mean(xs: list[float | None]) -> float:
+    xs = _present(xs)
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def _sd(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
+def _sd(xs: list[float | None]) -> float:
+    xs = _present(xs)
     if len(xs) < 2:
         return math.nan
     m = sum(xs) / len(xs)
@@ -223,10 +228,7 @@ def make_figure(results: dict):
     axes = fig.subplots(1, 4)
     for ax, (metric, title, ylabel) in zip(axes, PANELS, strict=True):
         for method in results["methods"]:
-            curves = [
-                [math.nan if x is None else x for x in c]
-                for c in results["metrics"][method][metric]
-            ]
+            curves = results["metrics"][method][metric]
             mean = [_mean([c[i] for c in curves]) for i in range(len(steps))]
             sd = [_sd([c[i] for c in curves]) for i in range(len(steps))]
             color = COLORS.get(method)
