@@ -49,14 +49,15 @@ step = stats["step"]["all"]
 print(f"projected away (last step): {step['projected_norm_ratio']:.3f} of the running gradient")
 print(f"clamp bound in {100 * step['clamp_fraction']:.0f}% of tensor updates")
 print(f"mean rank of sequence gradients: {step['rank']:.1f} of {step['num_sequences']:.0f}")
-distance = (
-    sum((a - b).norm() ** 2 for a, b in zip(plain.parameters(), proma.parameters(), strict=False))
-    ** 0.5
-)
-moved = (
-    sum((a - b).norm() ** 2 for a, b in zip(initial.parameters(), plain.parameters(), strict=False))
-    ** 0.5
-)
+
+
+def distance(a, b):
+    """Euclidean distance between two models' parameters, all tensors together."""
+    return (
+        sum((x - y).norm() ** 2 for x, y in zip(a.parameters(), b.parameters(), strict=True)) ** 0.5
+    )
+
+
 print(
     f"parameters after 3 steps differ by {distance(plain, proma):.4f} "
     f"(the plain run moved {distance(initial, plain):.4f})"

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from proma_accum.demo import DemoConfig, main
 from proma_accum.demo._policy import build_policy, response_logits, sample_responses
-from proma_accum.demo._report import paired_interval, verdicts
+from proma_accum.demo._report import PANELS, make_figure, paired_interval, verdicts
 from proma_accum.demo._rl import (
     entropy,
     exact_kl,
@@ -19,6 +24,7 @@ from proma_accum.demo._rl import (
     policy_loss,
     token_logprobs,
 )
+from proma_accum.demo._runner import Progress
 from proma_accum.demo._task import AdditionTask
 
 # ---------------------------------------------------------------- advantage estimator
@@ -247,11 +253,68 @@ def test_cli_parses_options(monkeypatch, tmp_path):
     assert seen["cfg"].seeds == 3 and seen["cfg"].methods == ("grpo", "proma")
     assert seen["cfg"].steps == DemoConfig.quick().steps and seen["out"] == "x"
     with pytest.raises(SystemExit):
-        main(["--steps", "7", "--workers", "1"])  # `python -m proma_accum.demo` form
+        main(["demo", "--steps", "7", "--workers", "1"])
     assert seen["cfg"].steps == 7 and seen["cfg"].seeds == DemoConfig().seeds
     with pytest.raises(SystemExit) as err:
         main(["demo", "--methods", "ppo"])
     assert err.value.code == 2
+    with pytest.raises(SystemExit) as err:  # an option without its command says which
+        main(["--quick"])
+    assert err.value.code == 2
+
+
+def test_bare_cli_prints_help_listing_the_commands_and_runs_nothing(monkeypatch, capsys):
+    def fake_run(cfg, out, progress=True):
+        raise AssertionError("bare `proma-accum` started the demo")
+
+    monkeypatch.setattr("proma_accum.demo.run", fake_run)
+    assert main([]) == 0
+    printed = capsys.readouterr().out
+    assert "usage: proma-accum" in printed
+    assert "demo" in printed and "plot" in printed
+
+
+def test_python_m_proma_accum_demo_is_the_demo_command():
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "proma_accum.demo", "--help"], env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "usage: proma-accum demo" in done.stdout and "--quick" in done.stdout
+
+
+def test_progress_labels_what_runs_and_starts_the_eta_clock_at_training():
+    out = io.StringIO()
+    bar = Progress(10, bar=True, file=out)
+    bar.started("warm start seed 0")
+    assert "warm start seed 0" in bar._bar.desc
+    bar._bar.start_t -= 100.0  # a warm start of 100 s, during which no training step is made
+    bar.finished("warm start seed 0", "done")
+    bar.started("proma seed 0")
+    assert bar._bar.desc == "proma seed 0"
+    bar.step()
+    # the ETA is remaining steps / average rate since the first training step, not since the
+    # start (which would make it about 100 s x 9 remaining steps)
+    assert bar._bar.format_dict["elapsed"] < 50
+    bar.close()
+    assert "done: warm start seed 0" in out.getvalue()
+
+
+def test_progress_without_a_bar_prints_one_line_per_finished_run(capsys):
+    bar = Progress(4, bar=False)
+    for name in ("warm start seed 0", "grpo seed 0", "proma seed 0"):
+        bar.started(name)
+        bar.finished(name, "details")
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"done: {n} (0 s): details" for n in ("warm start seed 0", "grpo seed 0", "proma seed 0")
+    ]
 
 
 def test_quick_run_writes_well_formed_outputs(tmp_path, capsys, monkeypatch):
@@ -263,6 +326,9 @@ def test_quick_run_writes_well_formed_outputs(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "| metric |" in printed and "(d) [proma]" in printed
+    done = [line for line in printed.splitlines() if line.startswith("done: ")]
+    assert len(done) == 2 + 4 * 2  # --no-progress: a line per warm start and per run
+    assert any(line.startswith("done: proma-exact seed 1 ") for line in done)
     png = (out / "figure.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     res = json.loads((out / "results.json").read_text())  # strict JSON (no NaN)
@@ -289,3 +355,18 @@ def test_quick_run_writes_well_formed_outputs(tmp_path, capsys, monkeypatch):
     # every method starts from the same warm-started policy of its seed
     first = {m: [c[0] for c in res["metrics"][m]["entropy"]] for m in res["methods"]}
     assert len({tuple(v) for v in first.values()}) == 1
+    # the figure is redrawn from results.json alone (NaN stored as null), without training
+    assert main(["plot", str(out / "results.json"), "--out", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = make_figure(res)
+    assert [ax.get_ylabel() for ax in fig.axes] == [ylabel for _, _, ylabel in PANELS]
+    assert all(ax.get_legend() is None for ax in fig.axes)  # no legend over the curves
+    assert len(fig.legends) == 1
+
+
+def test_plot_command_refuses_a_file_that_is_not_demo_results(tmp_path):
+    bad = tmp_path / "results.json"
+    bad.write_text('{"methods": []}')
+    with pytest.raises(SystemExit) as err:
+        main(["plot", str(bad)])
+    assert err.value.code == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import warnings
 
 import pytest
 import torch
@@ -261,3 +262,45 @@ def test_padding_not_checked_for_positions():
     pos = torch.tensor([[1, 1, 0, 1, 2]])
     mask = torch.tensor([[0, 0, 1, 1, 1]])
     assert sid.from_position_ids(pos, mask).tolist() == [[-1, -1, 0, 0, 0]]
+
+
+# ---------------------------------------------------------------- an attention mask as seq_ids
+
+
+def _microbatch_warnings(seq_ids: torch.Tensor) -> list[warnings.WarningMessage]:
+    """Run one microbatch of a tiny model with ``seq_ids`` and return the warnings raised."""
+    from proma_accum import ProjectedAccumulator
+
+    torch.manual_seed(0)
+    b, t = seq_ids.shape[0], 5
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))
+    tokens = torch.randint(0, 10, (b, t))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ProjectedAccumulator(model) as acc, acc.microbatch(seq_ids):
+            model(tokens).sum().backward()
+    return [w for w in caught if "attention mask" in str(w.message)]
+
+
+def test_an_attention_mask_passed_as_seq_ids_warns_at_the_callers_line():
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    caught = _microbatch_warnings(mask)
+    assert len(caught) == 1
+    assert "from_attention_mask" in str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the `with acc.microbatch(...)` line
+    # all ones (no padding) is the same mistake: four rows named as one sequence
+    assert len(_microbatch_warnings(torch.ones(4, 5, dtype=torch.long))) == 1
+
+
+@pytest.mark.parametrize(
+    "seq_ids",
+    [
+        sid.from_attention_mask(torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1] * 5, [0] * 5])),
+        torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),  # two rows: may well be two sequences
+        torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1], [2, 2, 2, 2, 2]]),  # packed, three ids
+        torch.tensor([[0, 0, 0, 0, -1], [1, 1, 1, 1, 1], [0, 0, 1, 1, -1]]),  # padding present
+    ],
+    ids=["from_attention_mask", "two-rows", "three-ids", "padded"],
+)
+def test_seq_ids_that_are_not_a_mask_do_not_warn(seq_ids):
+    assert _microbatch_warnings(seq_ids) == []

@@ -89,7 +89,7 @@ class ProjectedAccumulator:
     Args:
         model: the module whose layers are hooked: a plain module, a
             ``DistributedDataParallel`` wrapper, or a module with FSDP2 (``fully_shard``)
-            submodules (see the README's "Distributed training" for the multi-process rule).
+            submodules (see docs/distributed.md for the multi-process rule).
         projection: ``"exact"`` or ``"gs2"``.
         clamp: bound on the removed part relative to ``‖g_m‖``; ``None`` turns the clamp off.
             The note's experiment used 0.5.
@@ -481,10 +481,37 @@ class ProjectedAccumulator:
 
     # ------------------------------------------------------------------ diagnostics
     def stats(self, flat: bool = False) -> dict:
-        """Diagnostics of the last microbatch and the current step (see the README's
-        "Statistics").
+        """Diagnostics of the last microbatch and of the current optimizer step.
 
-        With ``flat=True``: ``{"proma/<scope>/<group>/<metric>": float}`` for loggers.
+        Returns::
+
+            {
+                "microbatches": int,          # microbatches since the accumulator was made
+                "steps": int,                 # optimizer steps seen (a step starts at a
+                                              #   microbatch where every gradient is None)
+                "peak_seq_grad_bytes": int,   # peak bytes of live per-sequence gradients
+                "microbatch": {group: metrics},           # the last microbatch
+                "step": {"microbatches": int, group: metrics},  # the current step so far
+            }
+
+        ``group`` is a layer kind (``"linear"``, ``"embedding"``, ``"rms_norm"``, ...) or
+        ``"all"``; each ``metrics`` dict holds floats:
+
+        * ``projected_norm_ratio``: ``‖removed‖ / ‖t.grad‖`` over the group's tensors (root of
+          summed squares), where ``removed`` is the clamped, strength-scaled projection taken
+          off the running gradient ``t.grad``. 0 on a step's first microbatch (nothing to
+          project yet).
+        * ``clamp_fraction``: fraction of tensor updates in which the clamp bound.
+        * ``num_sequences``: sequences per microbatch (mean over the updates).
+        * ``rank``: mean numerical rank of the sequence gradients of a tensor update (at
+          most ``num_sequences``; lower when sequence gradients are dependent).
+        * ``updates``: number of projected tensor updates: covered tensors × microbatches
+          whose running gradient was non-zero. E.g. ``updates: 9`` in ``"step"`` for 3
+          projected tensors after 4 microbatches: the first microbatch has nothing to
+          project.
+
+        Args:
+            flat: return ``{"proma/<scope>/<group>/<metric>": float}`` for loggers instead.
         """
         summary = self._stats.summary()
         return flatten(summary) if flat else summary

@@ -96,8 +96,7 @@ def _slots(
         raise NotImplementedError(
             f"parameter '{other[0]}' is a DTensor not managed by FSDP2 (fully_shard), e.g. "
             "tensor parallel: a sequence's gradient is split across ranks, which PROMA's "
-            "per-rank projection does not support. Use FSDP2 or DDP (see the README's "
-            "'Distributed training')."
+            "per-rank projection does not support. Use FSDP2 or DDP (see docs/distributed.md)."
         )
     return slots
 

@@ -241,6 +241,5 @@ def refuse_fsdp1(model: nn.Module) -> None:
         raise NotImplementedError(
             "model contains FullyShardedDataParallel (FSDP1) modules, whose flat parameters "
             "hide the layers' own parameters from per-sequence hooks: shard with FSDP2 "
-            "(torch.distributed.fsdp.fully_shard) or use DDP (see the README's 'Distributed "
-            "training')"
+            "(torch.distributed.fsdp.fully_shard) or use DDP (see docs/distributed.md)"
         )

@@ -9,6 +9,7 @@ and sequences stored one after another are contiguous blocks of tokens.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,28 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 class ShapeMismatchError(ValueError):
     """A hooked layer's input does not line up with the microbatch's ``seq_ids``."""
+
+
+def warn_if_attention_mask(seq_ids: torch.Tensor, ids: torch.Tensor) -> None:
+    """Warn when ``seq_ids`` looks like an attention mask passed by mistake.
+
+    A ``(B, T)`` tensor of only 0 and 1 with ``B > 2`` rows names at most two sequences for
+    ``B`` rows, which runs without error but is almost never meant. ``ids`` are the distinct ids
+    present; its size is known without a device sync, so the values are read only in that rare
+    case.
+    """
+    if seq_ids.dim() != 2 or seq_ids.shape[0] <= 2 or ids.numel() > 2:
+        return
+    if not set(ids.tolist()) <= {0, 1} or bool((seq_ids < 0).any()):
+        return
+    warnings.warn(
+        f"seq_ids of shape {tuple(seq_ids.shape)} holds only 0 and 1, so its {seq_ids.shape[0]} "
+        "rows are at most 2 sequences: is it an attention mask? For padded rows with one "
+        "sequence each pass proma_accum.sequence_ids.from_attention_mask(attention_mask) "
+        "(or torch.arange(B) for one id per row).",
+        UserWarning,
+        stacklevel=5,  # the user's `with acc.microbatch(...)` line
+    )
 
 
 @dataclass
@@ -90,6 +113,7 @@ class SequenceLayout:
         rank[order] = torch.arange(order.numel(), device=order.device)
         dense = torch.full_like(seq_ids, -1)
         dense[valid] = rank[inverse]
+        warn_if_attention_mask(seq_ids, by_value)
         return cls(seq_ids=seq_ids, dense=dense, ids=by_value[order])
 
     def token_segments(self, lead_shape: torch.Size, layer: str) -> TokenSegments:

@@ -1,13 +1,15 @@
 """CPU-scale evidence for the note's Figure 2: GRPO vs REINFORCE vs PROMA.
 
 A tiny Qwen3 policy learns two-digit addition with a verifiable reward; the methods differ
-only in their update rule. Run ``python -m proma_accum.demo`` (or ``proma-accum demo``);
-``--quick`` finishes in under a minute. See :func:`main` for the options.
+only in their update rule. Run ``proma-accum demo`` (or ``python -m proma_accum.demo``);
+``--quick`` finishes in about a minute. ``proma-accum plot results.json`` redraws the figure
+of a finished run. See :func:`main` for the options.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,31 +40,58 @@ def run(cfg: DemoConfig, out: str | Path = "proma-demo-out", *, progress: bool =
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="proma-accum demo",
-        description="GRPO vs REINFORCE vs PROMA on a small RL task, on CPU, in minutes "
-        "(the note's Figure 2 at CPU scale). No downloads.",
+        prog="proma-accum",
+        description="PROMA (Projected Microbatch Accumulation): the CPU-scale demo of the note's "
+        "Figure 2 and its figure. Run `proma-accum demo --quick` for a run of about a minute.",
     )
-    p.add_argument("--quick", action="store_true", help="small run, under a minute")
-    p.add_argument("--seeds", type=int, help="seeds per method (default 5; quick: 2)")
-    p.add_argument("--steps", type=int, help="RL steps per run (default 100; quick: 20)")
-    p.add_argument(
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    d = sub.add_parser(
+        "demo",
+        help="GRPO vs REINFORCE vs PROMA on a small RL task (5 seeds: minutes; --quick: ~1 min)",
+        description="GRPO vs REINFORCE vs PROMA on a small RL task, on CPU, in minutes "
+        "(the note's Figure 2 at CPU scale). No downloads. Writes results.json and figure.png.",
+    )
+    d.add_argument("--quick", action="store_true", help="small run, under a minute")
+    d.add_argument("--seeds", type=int, help="seeds per method (default 5; quick: 2)")
+    d.add_argument("--steps", type=int, help="RL steps per run (default 100; quick: 20)")
+    d.add_argument(
         "--methods",
         help=f"comma-separated, from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})",
     )
-    p.add_argument("--out", default="proma-demo-out", help="output directory")
-    p.add_argument(
+    d.add_argument("--out", default="proma-demo-out", help="output directory")
+    d.add_argument(
         "--workers", type=int, help="worker processes (default: min(2, CPU count); 1 = inline)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (one line per finished run)"
+    )
+    pl = sub.add_parser(
+        "plot",
+        help="redraw the four-panel figure from a demo's results.json (no training)",
+        description="Redraw the four-panel figure from the results.json a demo run wrote.",
+    )
+    pl.add_argument("results", type=Path, help="path of a results.json written by the demo")
+    pl.add_argument(
+        "--out", type=Path, help="figure to write (default: figure.png next to the results)"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``proma-accum demo [options]`` or ``python -m proma_accum.demo [options]``."""
+    """Entry point of ``proma-accum``: ``demo [options]``, ``plot RESULTS``, or help.
+
+    ``python -m proma_accum.demo [options]`` is ``proma-accum demo [options]``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        argv = argv[1:]
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    if not argv:  # never start a long run by accident
+        parser.print_help()
+        return 0
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        parser.error(f"{argv[0]} is an option of a command: e.g. proma-accum demo {' '.join(argv)}")
+    args = parser.parse_args(argv)
+    if args.command == "plot":
+        return _plot(parser, args.results, args.out)
     overrides = {}
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
@@ -76,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg.validate()
     except ValueError as err:
-        _parser().error(str(err))
+        parser.error(str(err))
     results = run(cfg, args.out, progress=not args.no_progress)
     c = results["config"]
     print(
@@ -89,4 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(results["verdict_text"])
     print(f"\nwrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'figure.png'}")
+    return 0
+
+
+def _plot(parser: argparse.ArgumentParser, results: Path, out: Path | None) -> int:
+    try:
+        data = json.loads(results.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        parser.error(f"results: cannot read {results}: {err}")
+    missing = {"methods", "seeds", "steps", "metrics", "config"} - set(data)
+    if missing:
+        parser.error(f"results: {results} is not a demo's results.json (no {sorted(missing)})")
+    out = out if out is not None else results.with_name("figure.png")
+    plot_figure(data, out)
+    print(f"wrote {out}")
     return 0

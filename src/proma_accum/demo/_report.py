@@ -15,28 +15,34 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 TABLE_METRICS = (
     ("val_reward", "(a) validation reward (sampled)"),
     ("val_reward_greedy", "    validation reward (greedy)"),
-    ("kl_from_initial", "(b) KL(current || initial)"),
+    ("kl_from_initial", "(b) KL(current ‖ initial)"),
     ("entropy", "(c) entropy per token"),
-    ("kl_successive", "(d) KL(current || previous step)"),
+    ("kl_successive", "(d) KL(current ‖ previous step)"),
 )
+#: (metric, title, y-axis label) of the figure's panels, as in the note's Figure 2.
 PANELS = (
-    ("val_reward", "(a) Validation reward (sampled)"),
-    ("kl_from_initial", "(b) KL from the initial policy"),
-    ("entropy", "(c) Policy entropy (per token)"),
-    ("kl_successive_running", "(d) KL between successive policies"),
+    ("val_reward", "(a) Validation reward (sampled)", "mean reward (fraction correct)"),
+    ("kl_from_initial", "(b) KL from the initial policy", "KL (nats per token)"),
+    ("entropy", "(c) Policy entropy (per token)", "entropy (nats per token)"),
+    ("kl_successive_running", "(d) KL between successive policies", "KL (nats per token)"),
 )
 COLORS = {"grpo": "tab:blue", "reinforce": "tab:orange", "proma": "tab:green",
           "proma-exact": "tab:purple", "proma-unitadv": "tab:red"}  # fmt: skip
 NON_INFERIORITY_MARGIN = 0.05
 
 
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
+def _present(xs: list[float | None]) -> list[float]:
+    """The values that are numbers (``results.json`` stores NaN as null)."""
+    return [x for x in xs if x is not None and not math.isnan(x)]
+
+
+def _mean(xs: list[float | None]) -> float:
+    xs = _present(xs)
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def _sd(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
+def _sd(xs: list[float | None]) -> float:
+    xs = _present(xs)
     if len(xs) < 2:
         return math.nan
     m = sum(xs) / len(xs)
@@ -208,15 +214,19 @@ def write_json(results: dict, path: Path) -> None:
     path.write_text(json.dumps(_clean(results), indent=1) + "\n")
 
 
-def plot_figure(results: dict, path: Path) -> None:
-    """Four panels laid out like the note's Figure 2: mean over seeds with a ±1 sd band."""
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
+def make_figure(results: dict):
+    """Four panels laid out like the note's Figure 2: mean over seeds with a ±1 sd band.
+
+    The legend sits below the panels, so it hides no curve or band. Returns a matplotlib
+    ``Figure`` (no pyplot: the caller's backend is left alone).
+    """
+    from matplotlib.figure import Figure
 
     steps = results["steps"]
     cfg = results["config"]
-    fig = Figure(figsize=(17, 3.9), layout="constrained")
+    fig = Figure(figsize=(17, 4.4), layout="constrained")
     axes = fig.subplots(1, 4)
-    for ax, (metric, title) in zip(axes, PANELS, strict=True):
+    for ax, (metric, title, ylabel) in zip(axes, PANELS, strict=True):
         for method in results["methods"]:
             curves = results["metrics"][method][metric]
             mean = [_mean([c[i] for c in curves]) for i in range(len(steps))]
@@ -231,11 +241,18 @@ def plot_figure(results: dict, path: Path) -> None:
             title += f"\n(running mean over {cfg['kl_window']} steps)"
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=10)
     fig.suptitle(
         f"Two-digit addition, tiny Qwen3 policy: mean ± 1 sd over {len(results['seeds'])} seeds"
         " (only grpo clips the likelihood ratio)",
         fontsize=11,
     )
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_figure(results: dict, path: Path) -> None:
+    """Write :func:`make_figure` to ``path`` (PNG)."""
+    make_figure(results).savefig(path, dpi=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import multiprocessing as mp
 import platform
 import time
@@ -22,6 +23,74 @@ def _train_job(cfg: DemoConfig, method: str, seed: int, state: dict, queue) -> d
     return train_method(cfg, method, seed, state, on_step=lambda: queue.put(1))
 
 
+class Progress:
+    """What the demo is doing, for a person watching it.
+
+    A bar over the training steps, labelled with what is in flight ("warm start seed 2",
+    "proma seed 0", ...), and one printed line per finished warm start and run (printed with
+    the bar off too). The bar's clock starts at the first training step and its rate is the
+    average since then, so the warm starts (no steps) do not make the ETA absurd.
+    """
+
+    def __init__(self, total_steps: int, *, bar: bool = True, file=None) -> None:
+        self._bar = tqdm(
+            total=total_steps, desc="PROMA demo", unit="step", smoothing=0, disable=not bar,
+            file=file, dynamic_ncols=True,
+        )  # fmt: skip
+        self._enabled = bar
+        self._file = file
+        self._running: list[str] = []
+        self._trained = False
+        self._t0: dict[str, float] = {}
+
+    def _label(self) -> None:
+        self._bar.set_description_str(", ".join(self._running) or "PROMA demo", refresh=True)
+
+    def _say(self, line: str) -> None:
+        if self._enabled:
+            self._bar.write(line, file=self._file)
+        else:
+            print(line, file=self._file, flush=True)
+
+    def started(self, name: str) -> None:
+        self._running.append(name)
+        self._t0[name] = time.perf_counter()
+        self._label()
+
+    def finished(self, name: str, detail: str) -> None:
+        self._running.remove(name)
+        seconds = time.perf_counter() - self._t0.pop(name)
+        self._say(f"done: {name} ({seconds:.0f} s): {detail}")
+        self._label()
+
+    def step(self, n: int = 1) -> None:
+        if not self._trained:  # training starts now: restart the clock of the ETA
+            self._trained = True
+            self._bar.reset()
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _warm_name(seed: int) -> str:
+    return f"warm start seed {seed}"
+
+
+def _run_name(method: str, seed: int) -> str:
+    return f"{method} seed {seed}"
+
+
+def _warm_detail(warm: dict) -> str:
+    return f"{warm['steps']} supervised steps, train reward {warm['train_reward']:.2f}"
+
+
+def _run_detail(run: dict) -> str:
+    finals = [x for x in run["val_reward"][-3:] if x is not None and not math.isnan(x)]
+    final = sum(finals) / len(finals) if finals else math.nan
+    return f"{len(run['val_reward']) - 1} steps, validation reward {final:.3f} (last 3 steps)"
+
+
 def run_experiment(cfg: DemoConfig, *, progress: bool = True) -> dict:
     """Warm-start one initial policy per seed, train every method from it, collect metrics.
 
@@ -33,17 +102,19 @@ def run_experiment(cfg: DemoConfig, *, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     seeds = list(range(cfg.seeds))
     jobs = sorted(((m, s) for s in seeds for m in cfg.methods), key=lambda j: -_COST.get(j[0], 1))
-    bar = tqdm(total=len(jobs) * cfg.steps, desc="PROMA demo", unit="step", disable=not progress)
+    bar = Progress(len(jobs) * cfg.steps, bar=progress)
     warm: dict[int, dict] = {}
     runs: dict[tuple[str, int], dict] = {}
     try:
         if cfg.workers <= 1:
             for s in seeds:
+                bar.started(_warm_name(s))
                 warm[s] = initial_policy(cfg, s)
+                bar.finished(_warm_name(s), _warm_detail(warm[s]))
             for m, s in jobs:
-                runs[m, s] = train_method(
-                    cfg, m, s, warm[s]["state_dict"], on_step=lambda: bar.update(1)
-                )
+                bar.started(_run_name(m, s))
+                runs[m, s] = train_method(cfg, m, s, warm[s]["state_dict"], on_step=bar.step)
+                bar.finished(_run_name(m, s), _run_detail(runs[m, s]))
         else:
             _run_parallel(cfg, seeds, jobs, warm, runs, bar)
     finally:
@@ -72,34 +143,42 @@ def run_experiment(cfg: DemoConfig, *, progress: bool = True) -> dict:
     }
 
 
-def _run_parallel(cfg, seeds, jobs, warm, runs, bar) -> None:
-    """Warm starts first; each seed's training jobs start as soon as its warm start is done."""
+def _run_parallel(cfg, seeds, jobs, warm, runs, bar: Progress) -> None:
+    """Warm starts first; each seed's training jobs start as soon as its warm start is done.
+
+    A job is labelled once the pool hands it to a worker (its future is running)."""
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(cfg.workers, mp_context=ctx) as pool:
         queue = manager.Queue()
-        pending: dict[Future, tuple] = {
-            pool.submit(initial_policy, cfg, s): ("warm", s) for s in seeds
-        }
+        pending: dict[Future, tuple[str, str, int]] = {}  # future -> (label, method, seed)
+        for s in seeds:
+            pending[pool.submit(initial_policy, cfg, s)] = (_warm_name(s), "", s)
+        labelled: set[Future] = set()
         try:
             while pending:
                 done, _ = wait(list(pending), timeout=0.25, return_when=FIRST_COMPLETED)
                 while not queue.empty():
-                    bar.update(queue.get())
+                    bar.step(queue.get())
+                for fut, (label, _, _) in pending.items():
+                    if fut not in labelled and (fut.running() or fut in done):
+                        labelled.add(fut)
+                        bar.started(label)
                 for fut in done:
-                    kind, *key = pending.pop(fut)
-                    if kind == "warm":
-                        s = key[0]
+                    label, method, s = pending.pop(fut)
+                    if not method:  # a warm start: its seed's training jobs can start
                         warm[s] = fut.result()
+                        bar.finished(label, _warm_detail(warm[s]))
                         for m, js in jobs:
                             if js == s:
                                 job = pool.submit(
                                     _train_job, cfg, m, s, warm[s]["state_dict"], queue
                                 )
-                                pending[job] = ("train", m, s)
+                                pending[job] = (_run_name(m, s), m, s)
                     else:
-                        runs[tuple(key)] = fut.result()
+                        runs[method, s] = fut.result()
+                        bar.finished(label, _run_detail(runs[method, s]))
             while not queue.empty():
-                bar.update(queue.get())
+                bar.step(queue.get())
         except BaseException:
             for fut in pending:
                 fut.cancel()
