@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._deepspeed import refuse_unsupported_deepspeed
 from ._fused import SequenceGradientGEMM
 from ._grad_slots import GradSlot, ShardedSlot, Taken, refuse_fsdp1, sharded_slots
 from ._hooks import HookSet
@@ -199,6 +200,7 @@ class ProjectedAccumulator:
         self._trainable = [p for p in names if p.requires_grad]
         # FSDP2: the layers compute with unsharded copies; see _grad_slots.
         refuse_fsdp1(self.model)
+        refuse_unsupported_deepspeed(self.model)  # DeepSpeed ZeRO-2/3: see _deepspeed
         self._fsdp = sharded_slots(self.model)
         self._slots: dict[nn.Parameter, GradSlot] = {p: GradSlot(p) for p in names}
         for slots in self._fsdp.values():

@@ -1,4 +1,4 @@
-"""PROMA accumulation for VeRL's FSDP2 training engine (verl 0.8–0.9; install the ``verl`` extra).
+"""PROMA accumulation for VeRL's FSDP2 training engine (verl 0.9; install the ``verl`` extra).
 
 Current VeRL trains the actor through an engine: ``FSDPEngine.forward_backward_batch`` splits
 the batch into microbatches and, for each, enters ``_gradient_sync_context`` (FSDP2
@@ -42,7 +42,7 @@ try:
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "proma_accum.integrations.verl needs VeRL >= 0.8 (the engine-based actor): "
+        "proma_accum.integrations.verl needs VeRL 0.9 (the engine-based actor): "
         "pip install 'proma-accum[verl]'"
     ) from exc
 
@@ -56,7 +56,7 @@ _SETTINGS = ("projection", "clamp", "strength", "exclude", "chunk_bytes")
 
 if not hasattr(FSDPEngineWithLMHead, "_gradient_sync_context"):  # pragma: no cover
     raise ImportError(
-        "this VeRL version's FSDPEngine has no _gradient_sync_context (verl 0.8–0.9 have): "
+        "this VeRL version's FSDPEngine has no _gradient_sync_context (verl 0.9 has): "
         "proma_accum.integrations.verl cannot wrap its microbatches"
     )
 
