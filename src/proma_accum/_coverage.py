@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ._capture import Layer
+from ._deepspeed import refuse_unsupported_deepspeed
 from ._distributed import GradSlot, ShardedSlot, is_dtensor, refuse_fsdp1, sharded_slots
 from ._kernels import kernel_for
 
@@ -54,6 +55,7 @@ def discover(model: nn.Module, exclude: Iterable[str]) -> Coverage:
     names = {p: a[0] for p, a in aliases.items()}
     trainable = [p for p in names if p.requires_grad]
     refuse_fsdp1(model)
+    refuse_unsupported_deepspeed(model)  # DeepSpeed ZeRO-2/3: see _deepspeed
     fsdp = sharded_slots(model)
     slots = _slots(names, fsdp)
     layers, uses, blocked = _layers(model)
