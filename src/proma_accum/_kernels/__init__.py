@@ -63,7 +63,7 @@ def kernel_for(module: nn.Module) -> Kernel | None:
 
 
 # Importing the kernel modules registers them.
-from . import conv1d, embedding, layer_norm, linear, rms_norm, token_wise  # noqa: E402
+from . import conv1d, embedding, layer_norm, linear, moe, rms_norm, token_wise  # noqa: E402
 from .embedding import subclass_kernel  # noqa: E402
 from .opacus_fallback import fallback_for  # noqa: E402
 from .token_wise import TokenWiseKernel, is_candidate  # noqa: E402
@@ -78,6 +78,7 @@ __all__ = [
     "kernel_for",
     "layer_norm",
     "linear",
+    "moe",
     "register",
     "rms_norm",
     "token_wise",
