@@ -14,11 +14,12 @@ from proma_accum.testing import assert_grads_close, reference_accumulate
 
 
 class Scale(nn.Module):
-    """``y_t = w ⊙ x_t``: a layer kind proma_accum does not know."""
+    """``y_t = w ⊙ x_t``: a layer kind proma_accum does not know. Its weight is ``(1, d)``, not
+    1-D, so the structural token-wise kernel does not take it either (``test_token_wise``)."""
 
     def __init__(self, d: int):
         super().__init__()
-        self.weight = nn.Parameter(1.0 + 0.3 * torch.randn(d))
+        self.weight = nn.Parameter(1.0 + 0.3 * torch.randn(1, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.weight
@@ -41,7 +42,7 @@ class ScaleKernel(kernels.Kernel):
     def seq_grads(self, use, rows, dtype):
         b = kernels.tokens(use.grad_out, 1, dtype)
         x = kernels.tokens(use.x, 1, dtype)
-        return kernels.segment_sum(b * x, use.seg)[:, rows]
+        return kernels.segment_sum(b * x, use.seg).unsqueeze(1)[:, rows]
 
 
 class WrongScaleKernel(ScaleKernel):

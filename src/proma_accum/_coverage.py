@@ -4,6 +4,12 @@ the others are accumulated plainly.
 A tensor is *projected* when every layer that uses it has a kernel (``_kernels``), no exclusion
 pattern matches any of its names, and no kernel refuses its layer. Every other trainable tensor
 is *unprojected*, with its reason.
+
+"Every layer that uses it" is read from ownership: a tensor is a parameter of one or more modules
+(tied weights: several), and each of those must be covered, by its own kernel or by the kernel of
+an enclosing layer that claims it (a role ``"experts.down_proj"``). A tensor tied between a
+covered layer and a module without a kernel (Gemma's scaled embedding before it had one, tied to
+the LM head) would otherwise be projected with the per-sequence gradients of one use only.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from ._distributed import GradSlot, ShardedSlot, is_dtensor, refuse_fsdp1, shard
 from ._kernels import kernel_for
 
 NO_KERNEL = "not a parameter of a layer with a sequence kernel"
+ALSO_UNCOVERED = "also a parameter of '{name}' ({cls}), which has no sequence kernel"
 
 
 @dataclass
@@ -111,7 +118,8 @@ def _layers(
     dict[nn.Parameter, str],
 ]:
     """Every module with a kernel and trainable parameters: ``(layers, uses, blocked)``, where
-    ``blocked`` maps the parameters of layers the kernel refuses to the reason."""
+    ``blocked`` maps to the reason the parameters of layers the kernel refuses, and those that
+    are also parameters of a module nothing covers."""
     layers: dict[nn.Module, Layer] = {}
     uses: dict[nn.Parameter, list[tuple[nn.Module, str]]] = {}
     blocked: dict[nn.Parameter, str] = {}
@@ -130,4 +138,31 @@ def _layers(
         layers[module] = Layer(mod_name or type(module).__name__, kernel, roles)
         for role, p in roles.items():
             uses.setdefault(p, []).append((module, role))
+    for p, reason in uncovered_owners(model, layers, uses).items():
+        blocked.setdefault(p, reason)
     return layers, uses, blocked
+
+
+def uncovered_owners(
+    model: nn.Module,
+    layers: dict[nn.Module, Layer],
+    uses: dict[nn.Parameter, list[tuple[nn.Module, str]]],
+) -> dict[nn.Parameter, str]:
+    """Used tensors that are also a parameter of a module no kernel covers, with the reason.
+
+    A kernel's role names the attribute on its layer, or on one of the layer's submodules
+    (``"experts.down_proj"``); every other owner of a used tensor leaves part of its gradient
+    outside the hooked layers.
+    """
+    claimed: set[tuple[nn.Module, str]] = set()
+    for module, layer in layers.items():
+        for role in layer.roles:
+            owner, _, attr = role.rpartition(".")
+            claimed.add((module.get_submodule(owner) if owner else module, attr))
+    found: dict[nn.Parameter, str] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module.named_parameters(recurse=False):
+            if p in uses and (module, attr) not in claimed:
+                cls = type(module).__name__
+                found.setdefault(p, ALSO_UNCOVERED.format(name=mod_name, cls=cls))
+    return found

@@ -5,13 +5,20 @@ with the sequence each token belongs to — into the per-sequence gradients of i
 ``(k + 1, *parameter.shape)``: row ``i < k`` is sequence ``i``'s gradient, row ``k`` the part
 of tokens that belong to no sequence (``seq_ids == -1``). Register one for a module type with
 :func:`register`; the accumulator then projects that type's parameters. Built-in kernels cover
-``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, transformers' ``Conv1D``
-and several RMSNorm classes; convolutions and group/instance norms are covered through Opacus's
-per-sample gradients when each row is one sequence.
+``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, transformers' ``Conv1D``,
+several RMSNorm classes and the sparse MoE blocks of Qwen3-MoE, Mixtral and OLMoE; convolutions
+and group/instance norms are covered through Opacus's per-sample gradients when each row is one
+sequence.
 
 Lookup is by exact type (a subclass may compute something else): register subclasses
-explicitly. Every kernel's result is checked against autograd's gradient before it is used
-(their sum must match), so a wrong kernel raises :class:`proma_accum.IncompleteSequenceDataError`
+explicitly. Without a registered kernel, two kinds are judged by structure: ``nn.Embedding``
+subclasses by their ``forward`` (``_kernels/embedding``), and norm-like modules — own parameters
+all 1-D, no submodules, a one-argument forward — by differentiating their own forward token by
+token (``_kernels/token_wise``). A registered kernel takes precedence (the ``Scale`` layer below
+would be covered by structure too; its kernel is the cheaper analytic form).
+
+Every kernel's result is checked against autograd's gradient before it is used (their sum must
+match), so a wrong kernel raises :class:`proma_accum.IncompleteSequenceDataError`
 instead of projecting silently wrong directions.
 
 Example — a layer that scales its input feature-wise, ``y_t = w ⊙ x_t``, so that

@@ -41,7 +41,10 @@ def register(*targets: type | str) -> Callable[[type[Kernel]], type[Kernel]]:
 
 def kernel_for(module: nn.Module) -> Kernel | None:
     """The kernel registered for ``type(module)`` exactly (subclasses may change the math), else
-    the Opacus fallback for the kinds it covers soundly (``opacus_fallback``), else None.
+    the Opacus fallback for the kinds it covers soundly (``opacus_fallback``), else for an
+    ``nn.Embedding`` subclass the kernel its ``forward`` qualifies for (``embedding``), else for a
+    module whose own parameters are all 1-D the structural token-wise kernel (``token_wise``),
+    else None. The last two may refuse a module (``Kernel.unsupported``), with the reason.
 
     A module whose class FSDP2's ``fully_shard`` swapped gets its original class's kernel (see
     ``_distributed.unwrapped_class``).
@@ -52,12 +55,20 @@ def kernel_for(module: nn.Module) -> Kernel | None:
         kernel = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
     if kernel is None:
         kernel = fallback_for(cls)  # Opacus's per-sample gradients, one sequence per row
+    if kernel is None:
+        kernel = subclass_kernel(cls)
+    if kernel is None and is_candidate(module):
+        kernel = _TOKEN_WISE
     return kernel
 
 
 # Importing the kernel modules registers them.
-from . import conv1d, embedding, layer_norm, linear, rms_norm  # noqa: E402
+from . import conv1d, embedding, layer_norm, linear, moe, rms_norm, token_wise  # noqa: E402
+from .embedding import subclass_kernel  # noqa: E402
 from .opacus_fallback import fallback_for  # noqa: E402
+from .token_wise import TokenWiseKernel, is_candidate  # noqa: E402
+
+_TOKEN_WISE = TokenWiseKernel()
 
 __all__ = [
     "Kernel",
@@ -67,6 +78,8 @@ __all__ = [
     "kernel_for",
     "layer_norm",
     "linear",
+    "moe",
     "register",
     "rms_norm",
+    "token_wise",
 ]

@@ -3,6 +3,13 @@
 ``g_s(W)[v] = Σ_{t ∈ s, id_t = v} b_t``: a sequence's gradient lives only on the rows of the ids it
 contains, so the kernel works on the rows that occur in the microbatch (``touched_rows``). Tokens
 equal to ``padding_idx`` get no gradient, as in ``torch.nn.functional.embedding``.
+
+Subclasses of ``nn.Embedding`` (:func:`subclass_kernel`) are judged by their ``forward``: one that
+does not override it computes ``nn.Embedding``'s math and gets this kernel; one whose forward is
+compiled from the same code as a known scaled form, ``super().forward(ids) * self.embed_scale``
+(transformers' ``*ScaledWordEmbedding``: Gemma, Gemma 2/3, BART, ...), gets
+:class:`ScaledEmbeddingKernel`, ``g_s(W)[v] = c Σ_{t ∈ s, id_t = v} b_t``; any other override is
+refused with its reason (a subclass is never silently treated as its base).
 """
 
 from __future__ import annotations
@@ -12,6 +19,14 @@ from torch import nn
 
 from . import register
 from ._base import Kernel, LayerUse, Rows, tokens
+
+
+def _code_key(fn: object) -> tuple | None:
+    """What identifies a function's code: bytecode, names, constants and local names."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    return (code.co_code, code.co_names, code.co_consts, code.co_varnames, code.co_freevars)
 
 
 @register(nn.Embedding)
@@ -42,9 +57,13 @@ class EmbeddingKernel(Kernel):
         self.add_seq_grads(total, use, rows)
         return total
 
+    def token_grads(self, use: LayerUse, dtype: torch.dtype) -> torch.Tensor:
+        """``(N, d)``: the gradient reaching each token's embedding row (the output gradient)."""
+        return tokens(use.grad_out, 1, dtype)
+
     def add_seq_grads(self, total: torch.Tensor, use: LayerUse, rows: Rows) -> None:
         ids = use.x.reshape(-1)
-        b = tokens(use.grad_out, 1, total.dtype)
+        b = self.token_grads(use, total.dtype)
         rows = _row_index(rows, use.module, ids.device)
         n_rows = rows.numel()
         pos, keep = _positions(rows, ids, use.module)
@@ -62,11 +81,63 @@ class EmbeddingKernel(Kernel):
         ids = use.x.reshape(-1)
         rows = _row_index(rows, use.module, ids.device)
         pos, keep = _positions(rows, ids, use.module)
-        b = tokens(use.grad_out, 1, dtype)
+        b = self.token_grads(use, dtype)
         total = b.new_zeros(rows.numel(), b.shape[-1])
         if rows.numel():
             total.index_add_(0, pos, torch.where(keep[:, None], b, 0.0))
         return total
+
+
+class _ScaledByBuffer(nn.Embedding):
+    """Reference code of transformers' scaled embeddings (Gemma's): compared, never called."""
+
+    def forward(self, input_ids: torch.Tensor):  # type: ignore[override]
+        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
+
+
+class _ScaledByAttribute(nn.Embedding):
+    """Reference code of transformers' scaled embeddings (BART's): compared, never called."""
+
+    def forward(self, input_ids: torch.Tensor):  # type: ignore[override]
+        return super().forward(input_ids) * self.embed_scale
+
+
+_SCALED_FORMS = {_code_key(_ScaledByBuffer.forward), _code_key(_ScaledByAttribute.forward)}
+
+
+class ScaledEmbeddingKernel(EmbeddingKernel):
+    """``y_t = c · W[id_t]`` with ``c = module.embed_scale`` (in the weight's dtype, as the
+    forward multiplies): the embedding kernel with output gradients scaled by ``c``."""
+
+    kind = "embedding"
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        if _code_key(type(module).forward) not in _SCALED_FORMS:
+            return (
+                f"{type(module).__name__} subclasses nn.Embedding with a forward that is neither "
+                "nn.Embedding's nor `super().forward(ids) * self.embed_scale`"
+            )
+        return super().unsupported(module)
+
+    def token_grads(self, use: LayerUse, dtype: torch.dtype) -> torch.Tensor:
+        module = use.module
+        scale = torch.as_tensor(module.embed_scale, device=use.grad_out.device)
+        scale = scale.to(module.weight.dtype).to(dtype)  # the forward multiplies in W's dtype
+        return super().token_grads(use, dtype) * scale
+
+
+_EMBEDDING = EmbeddingKernel()
+_SCALED = ScaledEmbeddingKernel()
+
+
+def subclass_kernel(cls: type) -> Kernel | None:
+    """The kernel of an ``nn.Embedding`` subclass without a registered one (module docstring),
+    else None."""
+    if not issubclass(cls, nn.Embedding):
+        return None
+    if cls.forward is nn.Embedding.forward:
+        return _EMBEDDING
+    return _SCALED  # refuses, with its reason, any forward that is not a known scaled form
 
 
 def _positions(

@@ -1,0 +1,211 @@
+"""transformers' sparse MoE blocks: the fused experts and the router, hooked at the block.
+
+The block (Qwen3-MoE, Mixtral, OLMoE) routes each token ``x_t`` on its own: the router ``R``
+gives the chosen experts ``e_{t,j}`` and their weights ``w_{t,j}`` (``j < K``, top-k), and the
+block's output is ``Σ_j w_{t,j} E_{e_{t,j}}(x_t)``. Expert ``e`` is stored as slices of 3-D tensors:
+``u = G_e x``, ``[g; v] = u``, ``a = act(g) ⊙ v``, ``E_e(x) = D_e a``. With ``b_t`` the gradient of
+the block's output, for sequence ``s``:
+
+- ``g_s(D_e) = Σ_{(t, j) ∈ s, e_{t,j} = e} w_{t,j} b_t a_{t,j}ᵀ``;
+- ``g_s(G_e) = Σ_{(t, j) ∈ s, e_{t,j} = e} δu_{t,j} x_tᵀ`` with ``δa = w_{t,j} D_eᵀ b_t``,
+  ``δg = δa ⊙ v ⊙ act'(g)``, ``δv = δa ⊙ act(g)``;
+- ``g_s(R) = Σ_{t ∈ s} ∂⟨c_t, w(x_t; R)⟩/∂R`` with ``c_{t,j} = b_t · E_{e_{t,j}}(x_t)``: the
+  router's own forward differentiated token by token (``torch.func.vmap`` of ``grad``), as the
+  token-wise kernel does (its top-k choice is recomputed per token, as the forward made it).
+
+Everything is recomputed from the block's saved input. Per expert, only the tokens routed to it
+contribute, so the experts' per-sequence gradients are sparse by expert: the kernel forms them
+only for the experts the microbatch routes to (``touched_rows``), a chunk of experts at a time.
+
+Memory: one chunk of the experts' per-sequence gradients is at most the accumulator's
+``chunk_bytes``, or ``(k + 1)`` copies of one expert's slice when that alone is larger; the
+transient per expert is ``O(n_e (H + 2I))`` for its ``n_e`` routed tokens plus the per-sequence
+token blocks ``(k + 1) × L × (H + 2I)`` (``L``: the most tokens one sequence routes to it). The
+router's per-token gradients are formed ``_TOKEN_CHUNK_BYTES`` at a time; its per-sequence
+gradients are ``(k + 1) × E × H``.
+
+A block is refused, with the reason, when its experts are not the plain gated, concatenated,
+bias-free layout above, its router is not one ``(E, H)`` weight, or (Mixtral) router jitter is on.
+A load-balancing loss on the router logits (``output_router_logits=True``) adds router gradient
+outside the block's output: the consistency check then raises ``IncompleteSequenceDataError``;
+exclude the router (``exclude=["*.mlp.gate.weight"]``) in that case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from . import register
+from ._base import Kernel, LayerUse, Rows, tokens
+from .token_wise import _TOKEN_CHUNK_BYTES, _Forward
+
+GATE_UP, DOWN, ROUTER = "experts.gate_up_proj", "experts.down_proj", "gate.weight"
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def outer_by_group(
+    left: torch.Tensor, right: torch.Tensor, group: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """``(groups, p, q)``: ``Σ_{n: group_n = s} left_n right_nᵀ`` for ``left: (n, p)``,
+    ``right: (n, q)``, ``group: (n,)`` in ``[0, groups)``; one batched GEMM over zero-padded
+    token blocks."""
+    n = group.numel()
+    counts = torch.bincount(group, minlength=groups)
+    length = int(counts.max()) if n else 0
+    order = torch.argsort(group, stable=True)
+    g = group[order]
+    pos = torch.arange(n, device=group.device) - (torch.cumsum(counts, 0) - counts)[g]
+    lp = left.new_zeros(groups, length, left.shape[1])
+    rp = right.new_zeros(groups, length, right.shape[1])
+    lp[g, pos] = left[order]
+    rp[g, pos] = right[order]
+    return torch.bmm(lp.transpose(1, 2), rp)
+
+
+@register(
+    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
+    "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock",
+    "transformers.models.olmoe.modeling_olmoe.OlmoeSparseMoeBlock",
+)
+class SparseMoeKernel(Kernel):
+    kind = "moe"
+
+    def roles(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        found = {}
+        for role in (GATE_UP, DOWN, ROUTER):
+            owner, _, attr = role.rpartition(".")
+            p = getattr(getattr(module, owner, None), attr, None)
+            if isinstance(p, nn.Parameter):
+                found[role] = p
+        return found
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        cls = type(module).__name__
+        experts, router = getattr(module, "experts", None), getattr(module, "gate", None)
+        if experts is None or router is None:
+            return f"{cls} has no 'experts' and 'gate' submodules"
+        gate_up = getattr(experts, "gate_up_proj", None)
+        down = getattr(experts, "down_proj", None)
+        if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+            return f"{cls}: experts without 3-D gate_up_proj and down_proj parameters"
+        n_exp, two_i, hidden = gate_up.shape if gate_up.dim() == 3 else (0, 0, 0)
+        layout = {
+            "has_gate": True,
+            "has_bias": False,
+            "is_transposed": False,
+            "is_concatenated": True,
+            "has_post_expert_norm": False,
+        }
+        if (
+            gate_up.dim() != 3
+            or tuple(down.shape) != (n_exp, hidden, two_i // 2)
+            or two_i % 2
+            or any(getattr(experts, k, v) != v for k, v in layout.items())
+            or not callable(getattr(experts, "act_fn", None))
+            or any(True for c in experts.children() for _ in c.parameters())
+            or len(list(experts.parameters(recurse=False))) != 2
+        ):
+            return (
+                f"{cls}: experts are not the gated, concatenated, bias-free (E, 2I, H) / "
+                "(E, H, I) layout this kernel computes"
+            )
+        params = dict(router.named_parameters(recurse=False))
+        weight = params.get("weight")
+        if (
+            set(params) != {"weight"}
+            or weight.shape != (n_exp, hidden)
+            or any(True for _ in router.children())
+        ):
+            return f"{cls}: the router is not one (num_experts, hidden) weight"
+        if getattr(module, "jitter_noise", 0):
+            return f"{cls}: router jitter noise multiplies the input by fresh noise in training"
+        return None
+
+    def touched_rows(self, use: LayerUse) -> torch.Tensor | None:
+        if use.role == ROUTER:
+            return None
+        _, idx = _route(use.module, use.x)
+        return torch.unique(idx)
+
+    def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
+        module = use.module
+        experts = module.experts
+        x = use.x.reshape(-1, use.x.shape[-1])
+        w, idx = _route(module, use.x)
+        k = use.num_sequences
+        seq = torch.where(use.seg.token_seq >= 0, use.seg.token_seq, k)
+        b = tokens(use.grad_out, 1, dtype)
+        if use.role == ROUTER:
+            return _router_seq_grads(module, x, b, w, idx, seq, k, dtype)[:, rows]
+        param = experts.gate_up_proj if use.role == GATE_UP else experts.down_proj
+        if isinstance(rows, slice):
+            rows = torch.arange(param.shape[0], device=x.device)[rows]
+        out = use.empty(k + 1, rows.numel(), *param.shape[1:], dtype=dtype)
+        xf = x.to(dtype)
+        for i, e in enumerate(rows.tolist()):
+            t, j = (idx == e).nonzero(as_tuple=True)
+            h, bt, wt = xf[t], b[t], w[t, j].to(dtype)[:, None]
+            g, v = (h @ experts.gate_up_proj[e].to(dtype).T).chunk(2, dim=-1)
+            act_g, act_vjp = torch.func.vjp(experts.act_fn, g)
+            if use.role == DOWN:
+                out[:, i] = outer_by_group(wt * bt, act_g * v, seq[t], k + 1)
+            else:
+                da = wt * (bt @ experts.down_proj[e].to(dtype))
+                du = torch.cat([act_vjp(da * v)[0], da * act_g], dim=-1)
+                out[:, i] = outer_by_group(du, h, seq[t], k + 1)
+        return out
+
+
+def _autocast(x: torch.Tensor, weight: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The autocast the forward ran under, when the capture cast the input to a half type."""
+    if x.dtype in _HALF and weight.dtype != x.dtype:
+        return torch.autocast(x.device.type, dtype=x.dtype)
+    return contextlib.nullcontext()
+
+
+def _route(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w, idx)``, both ``(N, K)``: the router's weights and experts for every token, from its
+    own forward (hooks bypassed) on the block's input, as the block computed them."""
+    router = module.gate
+    with torch.no_grad(), _autocast(x, router.weight):
+        out = router.forward(x.reshape(-1, x.shape[-1]))
+    return out[1], out[2]
+
+
+def _router_seq_grads(
+    module: nn.Module,
+    x: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    idx: torch.Tensor,
+    seq: torch.Tensor,
+    k: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(k + 1, E, H)``: the router weight's per-sequence gradients (module docstring)."""
+    experts, router = module.experts, module.gate
+    c = torch.zeros(idx.shape, dtype=dtype, device=x.device)  # c_{t,j} = b_t · E_{e_tj}(x_t)
+    xf = x.to(dtype)
+    for e in torch.unique(idx).tolist():
+        t, j = (idx == e).nonzero(as_tuple=True)
+        g, v = (xf[t] @ experts.gate_up_proj[e].to(dtype).T).chunk(2, dim=-1)
+        y = (experts.act_fn(g) * v) @ experts.down_proj[e].to(dtype).T
+        c[t, j] = (b[t] * y).sum(-1)
+    weight = router.weight.detach()
+    call = _Forward(router)  # the router's math without its hooks
+
+    def inner(theta: torch.Tensor, x_t: torch.Tensor, c_t: torch.Tensor) -> torch.Tensor:
+        with _autocast(x_t, theta):
+            scores = torch.func.functional_call(call, {"inner.weight": theta}, (x_t[None],))[1]
+        return (scores[0].to(dtype) * c_t).sum()
+
+    per_token = torch.func.vmap(torch.func.grad(inner), in_dims=(None, 0, 0))
+    total = torch.zeros(k + 1, weight.numel(), dtype=dtype, device=x.device)
+    step = max(1, _TOKEN_CHUNK_BYTES // (weight.numel() * max(weight.element_size(), 4)))
+    for a in range(0, x.shape[0], step):
+        grads = per_token(weight, x[a : a + step], c[a : a + step])
+        total.index_add_(0, seq[a : a + step], grads.reshape(grads.shape[0], -1).to(dtype))
+    return total.view(k + 1, *weight.shape)
