@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from proma_accum._capture import Capture, Layer
-from proma_accum._consistency import Consistency
+from proma_accum._consistency import Consistency, Tolerance
 from proma_accum._kernels import LayerUse
 from proma_accum._kernels.embedding import EmbeddingKernel
 from proma_accum._kernels.linear import LinearKernel
@@ -19,7 +19,7 @@ from proma_accum.testing import accumulate_proma_reference
 
 
 def _tensor_seq_grads(param, capture, role, k, grad, chunk_bytes=2**30, check_rtol=1e-3):
-    check = None if check_rtol is None else Consistency("w", ["Layer"], check_rtol)
+    check = None if check_rtol is None else Consistency("w", ["Layer"], Tolerance(check_rtol, 0))
     return TensorSequenceGradients(
         "w",
         param,

@@ -435,8 +435,10 @@ class ProjectedAccumulator:
             )
         check = None
         if not (verified and len(uses) == 1):
-            rtol = tolerance(target.dtype, [d for cap, _ in captures for d in cap.input_dtypes()])
-            check = Consistency(name, [type(cap.module).__name__ for cap, _ in uses], rtol)
+            dtypes = [d for cap, _ in captures for d in cap.input_dtypes()]
+            lowp = any(cap.layer.kernel.low_precision_accumulation for cap, _ in uses)
+            limit = tolerance(target.dtype, dtypes, lowp)
+            check = Consistency(name, [type(cap.module).__name__ for cap, _ in uses], limit)
             state.checks.append(check)
         observer = self._observer
         seq_grads = TensorSequenceGradients(

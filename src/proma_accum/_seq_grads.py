@@ -161,6 +161,10 @@ class TensorSequenceGradients:
                 self._fused.append((cap.formed.pop(role), cap.returned.get(role)))
             else:
                 self._inputs.append((cap, cap.use(role)))
+        if check is not None and check.needs_scale:
+            for cap, use in self._inputs:
+                if cap.layer.kernel.low_precision_accumulation:
+                    check.add_scale(cap.layer.kernel.contribution_norm_sum(use))
         touched = [cap.layer.kernel.touched_rows(use) for cap, use in self._inputs]
         if self._fused:
             touched.append(None)
@@ -175,11 +179,12 @@ class TensorSequenceGradients:
             and all(returned is not None for _, returned in self._fused)
             and all(t is not None for t in others)
         ):
-            self._remainder_rows = (
-                torch.unique(torch.cat(others))  # type: ignore[arg-type]
-                if others
-                else torch.empty(0, dtype=torch.long, device=param.device)
-            )
+            if not others:
+                self._remainder_rows = torch.empty(0, dtype=torch.long, device=param.device)
+            elif len(others) == 1:  # sorted and unique already (no host synchronisation)
+                self._remainder_rows = others[0]
+            else:
+                self._remainder_rows = torch.unique(torch.cat(others))  # type: ignore[arg-type]
 
     def _form(self, rows: Rows) -> torch.Tensor:
         """``(k + 1, len(rows), ...)``: every use's per-sequence gradient of these rows, summed.

@@ -56,6 +56,11 @@ class Kernel:
     # Kernels that need one sequence per input row (``seq_ids`` of shape ``(B,)``): with
     # per-token ids their tensors are accumulated plainly in that microbatch.
     rows_only: bool = False
+    # Whether torch's own backward for this layer kind accumulates the parameter gradient over
+    # tokens in the parameter's dtype (measured on CPU: LayerNorm and Embedding do; Linear,
+    # Conv1D and RMSNorm accumulate in float32). Autograd's half-precision gradient then errs
+    # by up to ~u · Σ_t ‖c_t‖ (``contribution_norm_sum``), which the check must allow.
+    low_precision_accumulation: bool = False
 
     def input_grad(
         self, module: nn.Module, grad_out: torch.Tensor, weight: torch.Tensor
@@ -101,6 +106,12 @@ class Kernel:
         """``seq_grads(...).sum(0)``: this use's gradient of ``module.<role>[rows]`` (padding
         tokens included), ``(len(rows), ...)``; kernels may form it without the split."""
         return self.seq_grads(use, rows, dtype).sum(0)
+
+    def contribution_norm_sum(self, use: LayerUse) -> torch.Tensor:
+        """``Σ_t ‖c_t‖``: the norms of each token's contribution ``c_t`` to the parameter's
+        gradient, summed (a 0-d float64 tensor); the scale of a low-precision accumulation's
+        rounding error. Needed by kernels with ``low_precision_accumulation``."""
+        raise NotImplementedError
 
     def add_seq_grads(self, total: torch.Tensor, use: LayerUse, rows: Rows) -> None:
         """``total += seq_grads(use, rows, total.dtype)``; kernels may add in place."""

@@ -32,6 +32,7 @@ def _code_key(fn: object) -> tuple | None:
 @register(nn.Embedding)
 class EmbeddingKernel(Kernel):
     kind = "embedding"
+    low_precision_accumulation = True
 
     def unsupported(self, module: nn.Module) -> str | None:
         if module.max_norm is not None:
@@ -75,6 +76,13 @@ class EmbeddingKernel(Kernel):
         # shapes fixed: no host synchronisation).
         if n_rows:
             flat.index_add_(0, seq * n_rows + pos, torch.where(keep[:, None], b, 0.0))
+
+    def contribution_norm_sum(self, use: LayerUse) -> torch.Tensor:
+        """``Σ_t ‖b_t‖`` over the tokens that contribute (not ``padding_idx``)."""
+        norms = torch.linalg.vector_norm(self.token_grads(use, torch.float32), dim=1)
+        if use.module.padding_idx is not None:
+            norms = norms * (use.x.reshape(-1) != use.module.padding_idx)
+        return norms.sum(dtype=torch.float64)
 
     def grad_sum(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
         """``Σ_t b_t`` into row ``id_t``: the plain embedding gradient on ``rows``."""

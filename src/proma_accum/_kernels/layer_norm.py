@@ -12,6 +12,7 @@ from ._norm import AffineNormKernel
 @register(nn.LayerNorm)
 class LayerNormKernel(AffineNormKernel):
     kind = "layer_norm"
+    low_precision_accumulation = True
 
     def feature_dims(self, module: nn.Module) -> int:
         return len(module.normalized_shape)
