@@ -35,6 +35,9 @@ from ._workspace import Workspace
 SequenceGradientObserver = Callable[[str, Rows, torch.Tensor], None]
 
 
+_METRICS = ("projected_norm_ratio", "clamp_fraction", "num_sequences", "rank", "updates")
+
+
 @dataclass
 class _Microbatch:
     layout: SequenceLayout
@@ -436,6 +439,8 @@ class ProjectedAccumulator:
         With ``flat=True``: ``{"proma/<scope>/<group>/<metric>": float}`` for loggers.
         """
         summary = self._stats.summary()
+        for scope in ("microbatch", "step"):  # "all" always exists, zero without updates
+            summary[scope].setdefault("all", dict.fromkeys(_METRICS, 0.0))
         return flatten(summary) if flat else summary
 
     # ------------------------------------------------------------------ optimizer pass-through
