@@ -52,6 +52,7 @@ class Consistency:
     name: str
     layers: Sequence[str]
     rtol: float
+    observed: Sequence[str] = ()  # what the accumulator saw that can cause a mismatch
     # Partial squared norms, summed in float64 at the end: ‖Σ_i S_i − g‖² and ‖g‖².
     _mismatch: list[torch.Tensor] = field(default_factory=list)
     _total: list[torch.Tensor] = field(default_factory=list)
@@ -79,14 +80,20 @@ class Consistency:
     def raise_unless_close(self, mismatch: torch.Tensor, total: torch.Tensor) -> None:
         """Raise unless ``sqrt(mismatch) <= rtol * sqrt(total)`` (squared norms)."""
         if bool(mismatch.sqrt() > self.rtol * total.sqrt() + 1e-30):
+            observed = f" Observed: {'; '.join(self.observed)}." if self.observed else ""
             raise IncompleteSequenceDataError(
                 f"parameter '{self.name}': its gradient is not the sum of the per-sequence "
                 f"gradients its hooked layers ({', '.join(sorted(set(self.layers)))}) saw "
                 f"(relative mismatch "
-                f"{float(mismatch.sqrt() / total.sqrt().clamp(min=1e-300)):.3g}). Part of the "
-                "gradient comes from outside those layers' forward, e.g. a fused LM head that "
-                "uses the weight directly, or a penalty term on the weight. Call the layer "
-                "module itself, or exclude the parameter with exclude=[...]."
+                f"{float(mismatch.sqrt() / total.sqrt().clamp(min=1e-300)):.3g}): autograd's "
+                "gradient of the tensor differs from the sum of the gradients formed from "
+                f"those layers' inputs and output gradients.{observed} Likely causes: part of "
+                "the gradient comes from outside those layers' forward (a fused LM head that "
+                "uses the weight directly, a penalty term on the weight); a gradient hook on "
+                "the parameter that changes its gradient; a forward hook, forward pre-hook or "
+                "patched forward that changes the layer's output before PROMA's hook sees it. "
+                "Call the layer module itself, remove the hook, or exclude the parameter with "
+                "exclude=[...]."
             )
 
 
