@@ -25,6 +25,8 @@ Where things live (public modules first):
 * ``_workspace``: per-sequence gradient buffers (allocation, byte meter, CPU buffer reuse).
 * ``_distributed``: DDP and FSDP2 — where a running gradient lives, and every torch private read.
 * ``_hooks``: every hook attached to the user's model, and their removal.
+* ``_autograd``: what the autograd engine tells the hooks (graph tasks, ``AccumulateGrad``
+  nodes, the user's tensor hooks, global module hooks), and every torch private read there.
 * ``_layout``: ``seq_ids`` and ``advantages`` validation, token segments; ``_settings``:
   constructor validation; ``_stats``: diagnostics.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._autograd import graph_task_id, hook_name, tensor_hooks
 from ._capture import Capture, capture_forward
 from ._consistency import Consistency, tolerance, verify_all
 from ._coverage import discover
 from ._distributed import ShardedSlot, Taken, data_parallel
+from ._fused import create_graph_error
 from ._hooks import HookSet
 from ._kernels._base import Rows
 from ._layout import SequenceLayout, dense_advantages
@@ -41,6 +44,9 @@ class MicrobatchFailedError(RuntimeError):
 SequenceGradientObserver = Callable[[str, Rows, torch.Tensor], None]
 
 
+_METRICS = ("projected_norm_ratio", "clamp_fraction", "num_sequences", "rank", "updates")
+
+
 @dataclass
 class _Microbatch:
     layout: SequenceLayout
@@ -52,6 +58,8 @@ class _Microbatch:
     # Projected tensors accumulated plainly in this microbatch: those of layers whose kernel
     # needs one sequence per row (the Opacus fallback), under per-token seq_ids.
     plain: frozenset[nn.Parameter] = frozenset()
+    thread: int = 0  # the thread that opened the context
+    forwards: int = 0  # forwards with grad of covered layers inside the context
     # The consistency checks of the projected tensors, verified together at the context exit.
     checks: list[Consistency] = field(default_factory=list)
     # The first exception raised inside a gradient hook (the backward failed), even if the
@@ -71,6 +79,11 @@ class _Microbatch:
 
     def _backward_completed(self) -> None:
         self.backward_pending = False
+
+
+def _fingerprint(model: nn.Module) -> list[tuple]:
+    """What coverage depends on, per parameter: identity, ``requires_grad``, dtype, device."""
+    return [(id(p), p.requires_grad, p.dtype, p.device) for p in model.parameters()]
 
 
 class ProjectedAccumulator:
@@ -150,9 +163,26 @@ class ProjectedAccumulator:
         self._observer: SequenceGradientObserver | None = None
         # Tensors of rows-only layers left plain in a microbatch with per-token seq_ids.
         self._plain_when_packed: dict[str, str] = {}
-        self._coverage = discover(model, self.exclude)
+        self._discover()
+
+    def _discover(self) -> None:
+        self._coverage = discover(self.model, self.exclude)
         names = self._coverage.names
         self._device = next(iter(names)).device if names else None
+        # The coverage holds every parameter, so the ids in the fingerprint are not reused.
+        self._fingerprint = _fingerprint(self.model)
+
+    def _refresh_coverage(self) -> None:
+        """Discover the coverage again (and re-hook) if the parameters changed since: a tensor
+        frozen or unfrozen, parameters replaced (``load_state_dict(..., assign=True)``), a
+        model moved to another device or dtype (which also drops the parameters' hooks)."""
+        if _fingerprint(self.model) == self._fingerprint:
+            return
+        attached = self._hooks.attached
+        self._hooks.detach()
+        self._discover()
+        if attached:
+            self._attach_hooks(stacklevel=5)
 
     def projected_parameters(self) -> list[str]:
         """Names (as in ``model.named_parameters()``) of the tensors PROMA projects."""
@@ -170,9 +200,19 @@ class ProjectedAccumulator:
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> ProjectedAccumulator:
-        """Attach the hooks. Raises if already attached."""
+        """Attach the hooks. Raises if already attached.
+
+        Coverage is discovered again here and at every :meth:`microbatch` when the model's
+        parameters changed since it was last discovered (see :meth:`_refresh_coverage`).
+        """
         if self._hooks.attached:
             raise RuntimeError("ProjectedAccumulator is already attached; detach() it first")
+        if _fingerprint(self.model) != self._fingerprint:
+            self._discover()
+        self._attach_hooks(stacklevel=3)
+        return self
+
+    def _attach_hooks(self, stacklevel: int) -> None:
         cov = self._coverage
         if cov.unprojected:
             listed = ", ".join(f"{n} ({r})" for n, r in list(cov.unprojected.items())[:8])
@@ -181,7 +221,7 @@ class ProjectedAccumulator:
                 f"{len(cov.unprojected)} trainable tensor(s) are accumulated plainly, without "
                 f"projection: {listed}{f', and {more} more' if more > 0 else ''}. "
                 "See unprojected_parameters().",
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
         unsharded = {
             module: [
@@ -193,11 +233,15 @@ class ProjectedAccumulator:
         }
         plain = [p for p in cov.trainable if not isinstance(cov.slots[p], ShardedSlot)]
         self._hooks.attach(list(cov.layers), plain, self._on_forward, self._on_grad, unsharded)
-        return self
 
     def detach(self) -> None:
-        """Remove every hook (safe to call twice)."""
-        self._state = None
+        """Remove every hook (safe to call twice). Refused inside a microbatch context."""
+        if self._state is not None:
+            raise RuntimeError(
+                "acc.detach() inside acc.microbatch(...) is refused: the microbatch needs its "
+                "hooks until the context exits, and restores every p.grad if it fails. Detach "
+                "after the context (or leave `with acc:`)."
+            )
         self._workspace.clear()
         self._hooks.detach()
 
@@ -235,6 +279,7 @@ class ProjectedAccumulator:
             )
         if self._state is not None:
             raise RuntimeError("microbatch contexts cannot be nested")
+        self._refresh_coverage()
         cov = self._coverage
         layout = SequenceLayout.from_seq_ids(seq_ids, self._device)
         adv = dense_advantages(advantages, layout)
@@ -258,7 +303,7 @@ class ProjectedAccumulator:
         # is the same on every rank: each rank removes W times its own (clamped) projection,
         # so the average removes the sum of the ranks' projections.
         world = ddp.world if ddp is not None and synced and replicated else 1
-        state = _Microbatch(layout, adv, world=world, plain=plain)
+        state = _Microbatch(layout, adv, world=world, plain=plain, thread=threading.get_ident())
         stats = self._stats.checkpoint()
         if new_step:
             self._workspace.clear()
@@ -282,6 +327,14 @@ class ProjectedAccumulator:
                 ) from state.error
             verify_all(state.checks)  # the one host synchronisation of the checks
             self._replicated = synced
+            if state.forwards and not state.before:
+                warnings.warn(
+                    "covered layers ran a forward with gradients inside acc.microbatch(...), "
+                    "but no backward accumulated into any parameter before the context exited. "
+                    "A backward after the context is not part of the microbatch: call "
+                    "backward() inside it (torch.autograd.grad does not accumulate).",
+                    stacklevel=3,
+                )
         except BaseException:
             for taken in state.before.values():
                 taken.restore()
@@ -290,6 +343,9 @@ class ProjectedAccumulator:
             raise
         finally:
             self._state = None
+            for captures in state.captures.values():
+                for cap in captures:
+                    cap.closed = True  # a backward reaching them later raises
             self._stats.peak_seq_grad_bytes = max(
                 self._stats.peak_seq_grad_bytes, self._workspace.peak
             )
@@ -332,6 +388,14 @@ class ProjectedAccumulator:
             return None
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
+        if threading.get_ident() != state.thread:
+            raise RuntimeError(
+                f"a forward with gradients of layer '{self._coverage.layers[module].name}' ran "
+                "in another thread while acc.microbatch(...) is open: its backward would be "
+                "taken into that microbatch. A ProjectedAccumulator serves one thread; use one "
+                "accumulator (and model) per thread, or run this forward under torch.no_grad()."
+            )
+        state.forwards += 1
         layer = self._coverage.layers[module]
         if state.plain and layer.kernel.rows_only:
             return None  # accumulated plainly in this microbatch
@@ -359,6 +423,16 @@ class ProjectedAccumulator:
         state = self._state
         if state is None:
             return None  # a backward outside any microbatch: plain accumulation
+        if grad.device.type == "cpu" and threading.get_ident() != state.thread:
+            # On CPU the backward runs in the thread that called it (on GPUs in autograd's
+            # device threads, where only a forward from another thread is detected). The
+            # foreign backward fails; this thread's microbatch is not touched.
+            raise RuntimeError(
+                f"parameter '{self._coverage.names[p]}' received a gradient from a backward in "
+                "another thread while acc.microbatch(...) is open in this one: it would be "
+                "mixed into that microbatch. A ProjectedAccumulator serves one thread; use one "
+                "accumulator (and model) per thread."
+            )
         state.backward_started()
         try:
             return self._accumulate(p, grad, state)
@@ -373,6 +447,8 @@ class ProjectedAccumulator:
         """The new running gradient of ``p`` (see :meth:`_on_grad`)."""
         cov = self._coverage
         name = cov.names[p]
+        if torch.is_grad_enabled():
+            raise create_graph_error()
         if p in state.before:
             raise RuntimeError(
                 f"parameter '{name}' received gradient twice within one microbatch (two "
@@ -420,11 +496,15 @@ class ProjectedAccumulator:
         cov = self._coverage
         layers = cov.uses[p]
         captures = [(cap, role) for m, role in layers for cap in state.captures.get(m, ())]
+        # The user's hooks on the parameter ran before ours, on autograd's gradient.
+        hooks = [hook_name(h) for h in tensor_hooks(target)]
         # Autograd's gradient *is* the sum our fused backward returned when that was the
-        # tensor's only use: nothing to check then.
-        verified = any(cap.returned.get(role) is grad for cap, role in captures)
-        # Calls whose output got a gradient (fused: whose backward formed the sequence grads).
-        uses = [(cap, role) for cap, role in captures if cap.has_gradient(role)]
+        # tensor's only use and no hook replaced it: nothing to check then.
+        verified = not hooks and any(cap.returned.get(role) is grad for cap, role in captures)
+        # Calls whose output got a gradient in this backward (fused: whose backward formed the
+        # sequence grads), not in an autograd.grad call before it.
+        task = graph_task_id()
+        uses = [(cap, role) for cap, role in captures if cap.has_gradient(role, task)]
         if not uses:
             raise RuntimeError(
                 f"parameter '{name}' received a gradient in this microbatch but none of its "
@@ -438,7 +518,17 @@ class ProjectedAccumulator:
             dtypes = [d for cap, _ in captures for d in cap.input_dtypes()]
             lowp = any(cap.layer.kernel.low_precision_accumulation for cap, _ in uses)
             limit = tolerance(target.dtype, dtypes, lowp)
-            check = Consistency(name, [type(cap.module).__name__ for cap, _ in uses], limit)
+            observed = [f"gradient hook(s) on the parameter: {', '.join(hooks)}"] if hooks else []
+            observed += sorted(
+                {
+                    f"layer '{cap.layer.name}' has {cap.checked_because}"
+                    for cap, _ in uses
+                    if cap.checked_because is not None
+                }
+            )
+            check = Consistency(
+                name, [type(cap.module).__name__ for cap, _ in uses], limit, observed=observed
+            )
             state.checks.append(check)
         observer = self._observer
         seq_grads = TensorSequenceGradients(
@@ -516,6 +606,8 @@ class ProjectedAccumulator:
             flat: return ``{"proma/<scope>/<group>/<metric>": float}`` for loggers instead.
         """
         summary = self._stats.summary()
+        for scope in ("microbatch", "step"):  # "all" always exists, zero without updates
+            summary[scope].setdefault("all", dict.fromkeys(_METRICS, 0.0))
         return flatten(summary) if flat else summary
 
     # ------------------------------------------------------------------ optimizer pass-through
@@ -575,6 +667,13 @@ class ProjectedAccumulator:
         own = state_dict.get("proma_accum", {})
         self._stats.microbatches = int(own.get("microbatches", 0))
         self._stats.steps = int(own.get("steps", 0))
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError(
+            "ProjectedAccumulator cannot be copied or pickled: it holds hooks on one model. "
+            "Construct a new one for a copied or loaded model (the model's own copy carries "
+            "inert placeholders of the hooks)."
+        )
 
     def __repr__(self) -> str:
         return (

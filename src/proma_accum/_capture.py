@@ -6,6 +6,13 @@ when the layer's per-sequence gradients fit the byte budget, returns the output 
 :class:`~proma_accum._fused.SequenceGradientGEMM`, whose backward forms them once in place of
 the weight-gradient GEMM (the fused path). Either way one :class:`Capture` per forward call
 holds what the kernel needs.
+
+The fused path drops nothing only when the output the hook sees is what the layer's class
+computes from the input it saw: no instance ``forward`` patch, no global module hooks, no
+forward hook running before ours, no forward pre-hook but FSDP2's and ours, no module backward
+hooks (:func:`fused_blocker`). Otherwise the layer takes the checked path, whose per-sequence
+gradients are always compared with autograd's. Output gradients are kept per graph task
+(``_autograd``), so those of an ``autograd.grad`` call inside the microbatch are not counted.
 """
 
 from __future__ import annotations
@@ -17,7 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._autograd import (
+    accumulate_node,
+    global_module_hooks,
+    graph_task_id,
+    module_hooks,
+    will_accumulate,
+)
+from ._distributed import is_fsdp_hook
 from ._fused import SequenceGradientGEMM
+from ._hooks import ModuleHook
 from ._kernels import Kernel, LayerUse
 from ._layout import SequenceLayout, ShapeMismatchError, TokenSegments
 from ._workspace import Workspace
@@ -55,17 +71,39 @@ class Capture:
     grad_out: torch.Tensor | None = None
     formed: dict[str, torch.Tensor] = field(default_factory=dict)
     returned: dict[str, torch.Tensor] = field(default_factory=dict)
+    task: int = -1  # the graph task grad_out / formed come from
+    # Why the fused path was not taken although the layer is fusable (for error messages).
+    checked_because: str | None = None
+    closed: bool = False  # its microbatch context has exited
 
     @property
     def fused(self) -> bool:
         return self.x is None
 
-    def has_gradient(self, role: str) -> bool:
-        """Whether the backward reached this call (so ``role`` has per-sequence data)."""
+    def has_gradient(self, role: str, task: int) -> bool:
+        """Whether backward ``task`` reached this call (so ``role`` has per-sequence data)."""
+        if self.task != task:
+            return False
         return role in self.formed if self.fused else self.grad_out is not None
 
     def receive(self, grad: torch.Tensor) -> None:
+        task = graph_task_id()
+        if self.closed and task != self.task:
+            params = self.layer.kernel.roles(self.module).values()
+            if any(will_accumulate(accumulate_node(p)) for p in params if p.requires_grad):
+                raise self.closed_error()
+            return  # autograd.grad after the context: nothing of the microbatch's
+        if task != self.task:  # another backward or autograd.grad call: start afresh
+            self.task, self.grad_out = task, None
         self.grad_out = grad if self.grad_out is None else self.grad_out + grad
+
+    def closed_error(self) -> RuntimeError:
+        return RuntimeError(
+            f"a backward reached layer '{self.layer.name}' through a forward that ran inside "
+            "acc.microbatch(...), after its acc.microbatch(...) context exited: that microbatch "
+            "can no longer be projected (and would be accumulated plainly). Call backward() "
+            "inside the context."
+        )
 
     def use(self, role: str, x: torch.Tensor | None = None) -> LayerUse:
         """The kernel's argument for ``role`` (``x``: the input, when the fused backward has it)."""
@@ -90,6 +128,24 @@ def fits_budget(layer: Layer, num_sequences: int, chunk_bytes: int) -> bool:
 
 def _raise(error: BaseException, grad: torch.Tensor) -> None:
     raise error
+
+
+def fused_blocker(module: nn.Module) -> str | None:
+    """Why the output our forward hook sees may not be what the layer's class computes from the
+    input it saw (so the fused path, which replaces the output's graph, is not safe), or None."""
+    if "forward" in module.__dict__:
+        return "a patched instance forward"
+    blockers = global_module_hooks()
+    if blockers:
+        return blockers[0]
+    forward, pre, backward = module_hooks(module)
+    if forward and not isinstance(forward[0], ModuleHook):
+        return "a forward hook that runs before PROMA's (prepend=True)"
+    if any(not isinstance(h, ModuleHook) and not is_fsdp_hook(h) for h in pre):
+        return "a forward pre-hook"
+    if backward:
+        return "a module backward hook"
+    return None
 
 
 def capture_forward(
@@ -125,12 +181,15 @@ def capture_forward(
     if x.is_floating_point() and torch.is_autocast_enabled(device_type):
         # The layer multiplied the autocast-dtype copy of x: use the same values.
         cast = torch.get_autocast_dtype(device_type)
+    blocker = None
     if layer.fusable and fits_budget(layer, layout.num_sequences, chunk_bytes):
-        capture = Capture(layer, module, seg, None, cast, workspace)
-        roles = tuple(layer.roles)
-        current = kernel.roles(module)  # under FSDP2: the unsharded copies
-        params = [current[r] for r in roles]
-        return capture, SequenceGradientGEMM.apply(x, *params, (output, capture, roles))
-    capture = Capture(layer, module, seg, x, cast, workspace)
+        blocker = fused_blocker(module)
+        if blocker is None:
+            capture = Capture(layer, module, seg, None, cast, workspace)
+            roles = tuple(layer.roles)
+            current = kernel.roles(module)  # under FSDP2: the unsharded copies
+            params = [current[r] for r in roles]
+            return capture, SequenceGradientGEMM.apply(x, *params, output, (capture, roles))
+    capture = Capture(layer, module, seg, x, cast, workspace, checked_because=blocker)
     output.register_hook(capture.receive)
     return capture, None

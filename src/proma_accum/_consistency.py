@@ -104,6 +104,7 @@ class Consistency:
     name: str
     layers: Sequence[str]
     tolerance: Tolerance
+    observed: Sequence[str] = ()  # what the accumulator saw that can cause a mismatch
     # Partial squared norms, summed in float64 at the end: ‖Σ_i S_i − g‖² and ‖g‖².
     _mismatch: list[torch.Tensor] = field(default_factory=list)
     _total: list[torch.Tensor] = field(default_factory=list)
@@ -153,14 +154,19 @@ class Consistency:
     def error(self) -> IncompleteSequenceDataError:
         ratio = float(self.ratio) if self.ratio is not None else float("nan")
         allowed = float(self.allowed) if self.allowed is not None else float("nan")
+        observed = f" Observed: {'; '.join(self.observed)}." if self.observed else ""
         return IncompleteSequenceDataError(
             f"parameter '{self.name}': its gradient is not the sum of the per-sequence "
             f"gradients its hooked layers ({', '.join(sorted(set(self.layers)))}) saw "
-            f"(relative mismatch {ratio:.3g}, tolerance {allowed:.3g}). Part of the gradient "
-            "came from outside those layers' forward: e.g. a fused LM head that uses the "
-            "weight directly, a penalty term on the weight, or a hook that changes a gradient. "
-            "Call the layer module itself, or exclude the parameter with exclude=[...]. Every "
-            "p.grad has been restored to what it was before this microbatch."
+            f"(relative mismatch {ratio:.3g}, tolerance {allowed:.3g}): autograd's gradient of "
+            "the tensor differs from the sum of the gradients formed from those layers' inputs "
+            f"and output gradients.{observed} Likely causes: part of the gradient comes from "
+            "outside those layers' forward (a fused LM head that uses the weight directly, a "
+            "penalty term on the weight); a gradient hook on the parameter that changes its "
+            "gradient; a forward hook, forward pre-hook or patched forward that changes the "
+            "layer's output before PROMA's hook sees it. Call the layer module itself, remove "
+            "the hook, or exclude the parameter with exclude=[...]. Every p.grad has been "
+            "restored to what it was before this microbatch."
         )
 
 

@@ -82,6 +82,16 @@ class DataParallel:
         return bool(self.ddp.require_backward_grad_sync)
 
 
+def is_fsdp_hook(hook: object) -> bool:
+    """Whether ``hook`` is one of the forward hooks ``fully_shard`` registers (they unshard and
+    reshard parameters; the values a layer computes are unchanged)."""
+    # PRIVATE: FSDP2 registers bound methods of its ``FSDPState``, or, for a group of modules,
+    # closures defined in ``torch.distributed.fsdp._fully_shard._fsdp_state`` (no public API
+    # lists them); checked on torch 2.13.0.
+    module = getattr(getattr(hook, "__func__", hook), "__module__", None) or ""
+    return module.startswith("torch.distributed.fsdp.")
+
+
 def data_parallel(model: nn.Module) -> DataParallel | None:
     """The DDP wrapper, when ``model`` is one."""
     if isinstance(model, nn.parallel.DistributedDataParallel):

@@ -209,6 +209,10 @@ def dense_advantages(advantages: object, layout: SequenceLayout) -> torch.Tensor
             f"advantages must be a 1-D float tensor, got dtype {advantages.dtype} and "
             f"shape {tuple(advantages.shape)}"
         )
+    if advantages.device != layout.ids.device:
+        raise ValueError(
+            f"advantages is on {advantages.device} but seq_ids is on {layout.ids.device}"
+        )
     max_id = int(layout.ids.max()) if layout.num_sequences else -1
     if advantages.numel() <= max_id:
         raise ValueError(
@@ -217,8 +221,4 @@ def dense_advantages(advantages: object, layout: SequenceLayout) -> torch.Tensor
         )
     if not bool(torch.isfinite(advantages).all()):
         raise ValueError("advantages must be finite (found nan or inf)")
-    if advantages.device != layout.ids.device:
-        raise ValueError(
-            f"advantages is on {advantages.device} but seq_ids is on {layout.ids.device}"
-        )
     return advantages.double()[layout.ids]
