@@ -12,7 +12,9 @@ launch on a GPU; these count as host synchronisations (the CPU waits for the dev
 
 The workload: a tiny Qwen3 built from a config (hidden 32, vocab 61), ``k = 8`` sequences of
 32 tokens per microbatch, the backward of the second microbatch of a step (the first is plain
-accumulation: nothing to project yet). ``python -m benchmarks.dispatch_counts`` prints the table.
+accumulation: nothing to project yet), under the precision policy GPUs run (on the CPU the
+library may read values on the host, where that costs nothing: see ``_seq_grads``).
+``python -m benchmarks.dispatch_counts`` prints the table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from proma_accum import ProjectedAccumulator, _seq_grads
 
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive",
              "masked_select", "repeat_interleave"}  # fmt: skip
@@ -92,8 +96,17 @@ def _loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def count(layers: int = 1, projection: str = "exact", k: int = 8, tokens: int = 32) -> Counts:
-    """Counts for the backward of the second microbatch (and of the context exit)."""
-    from proma_accum import ProjectedAccumulator
+    """Counts for the backward of the second microbatch (and of the context exit), under the
+    device precision policy."""
+    policy = _seq_grads.HOST_DECISIONS_ON_CPU
+    _seq_grads.HOST_DECISIONS_ON_CPU = False
+    try:
+        return _count(layers, projection, k, tokens)
+    finally:
+        _seq_grads.HOST_DECISIONS_ON_CPU = policy
+
+
+def _count(layers: int, projection: str, k: int, tokens: int) -> Counts:
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 61, (k, tokens), generator=gen) for _ in range(2)]

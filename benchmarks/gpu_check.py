@@ -29,7 +29,7 @@ from torch import nn
 
 from benchmarks.dispatch_counts import CountOps
 from benchmarks.workloads import Microbatch, ModelSpec, Workload, reinforce_loss, tokens_in_loss
-from proma_accum import ProjectedAccumulator
+from proma_accum import ProjectedAccumulator, _seq_grads
 from proma_accum.testing import reference_accumulate
 
 QWEN3_06B = ModelSpec(
@@ -181,7 +181,19 @@ def time_steps(
 def count_microbatch(
     spec: ModelSpec, workload: Workload, device: torch.device, dtype: torch.dtype
 ) -> dict[str, int]:
-    """ATen ops and host syncs of the second microbatch's backward (and the context exit)."""
+    """ATen ops and host syncs of the second microbatch's backward (and the context exit), under
+    the precision policy GPUs run (on CPU too, for the small check)."""
+    policy = _seq_grads.HOST_DECISIONS_ON_CPU
+    _seq_grads.HOST_DECISIONS_ON_CPU = False
+    try:
+        return _count_microbatch(spec, workload, device, dtype)
+    finally:
+        _seq_grads.HOST_DECISIONS_ON_CPU = policy
+
+
+def _count_microbatch(
+    spec: ModelSpec, workload: Workload, device: torch.device, dtype: torch.dtype
+) -> dict[str, int]:
     model = spec.build().to(device, dtype)
     batches = [_to(mb, device) for mb in workload.make_batches(microbatches=2)]
     n_tokens = tokens_in_loss(batches)

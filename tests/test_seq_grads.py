@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from proma_accum import _seq_grads
 from proma_accum._capture import Capture, Layer
 from proma_accum._consistency import Consistency, Tolerance
 from proma_accum._kernels import LayerUse
@@ -93,9 +94,13 @@ def test_plus_combination_on_touched_rows_of_an_embedding():
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("host_decisions", [False, True])
 @pytest.mark.parametrize("projection", ["exact", "gs2"])
 @pytest.mark.parametrize("case", ["independent", "zero", "nearly_dependent"])
-def test_no_eigendecomposition_and_reference_result(projection, case, monkeypatch):
+def test_no_eigendecomposition_and_reference_result(projection, case, host_decisions, monkeypatch):
+    """The device policy never calls an eigensolver (it synchronises on CUDA); the CPU policy
+    calls one ``eigvalsh`` per update, to decide whether float32 products are enough."""
+    monkeypatch.setattr(_seq_grads, "HOST_DECISIONS_ON_CPU", host_decisions)
     g = torch.Generator().manual_seed(1)
     k = 5
     s = torch.randn(k + 1, 6, 7, generator=g)
@@ -114,7 +119,7 @@ def test_no_eigendecomposition_and_reference_result(projection, case, monkeypatc
     new, info = accumulate_proma(
         acc, grad, _linear_seq_grads(s, grad), projection=projection, clamp=None, strength=1.0
     )
-    assert calls == []  # no eigensolver (it synchronises with the host on CUDA)
+    assert calls == (["eigvalsh"] if host_decisions else [])
     expected = accumulate_proma_reference(acc, grad, s[:k], projection=projection, clamp=None)
     torch.testing.assert_close(new.double(), expected, rtol=1e-5, atol=1e-5)
     assert int(info.rank) == (k - 1 if case == "zero" else k)

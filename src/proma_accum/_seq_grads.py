@@ -8,12 +8,20 @@ everything it is kept between the two passes (``gram_and_inner`` then ``combine`
 is formed again. The first pass also measures how far they are from autograd's gradient
 (``_consistency``).
 
-Precision, decided without looking at the data (no host synchronisation): ``S`` is formed in the
-parameter's compute dtype (float32 for bf16, fp16 and float32 parameters); the Gram matrix, the
-inner products and the combination multiply float32 values in float64, where their products
-are exact. Nearly dependent sequence gradients then need no special case: their Gram matrix
-resolves eigenvalues far below float32's, and the large coefficients of mixed sign they bring
-do not cancel catastrophically in the combination.
+Precision. ``S`` is formed in the parameter's compute dtype (float32 for bf16, fp16 and float32
+parameters). Nearly dependent sequence gradients need the Gram matrix to resolve eigenvalues
+far below float32's, and bring large coefficients of mixed sign that cancel catastrophically in
+a float32 combination; both are exact when float32 values are multiplied in float64. Two
+policies give that, and each is exact:
+
+* on a GPU (and any device but the CPU), decided without looking at the data: the Gram
+  matrix, the inner products and the combination always multiply in float64 (no host
+  synchronisation, at the price of float64 passes);
+* on the CPU, where reading a value on the host costs nothing (there is no device queue to
+  drain), the cheap float32 passes are used and repeated in float64 only when the data needs
+  it: a normalised Gram matrix with condition number above ``_FP32_GRAM_MAX_CONDITION``, a
+  combination whose cancellation factor exceeds ``_FP32_MAX_CANCELLATION``. This is the one
+  CPU-only trick of the hot path (``HOST_DECISIONS_ON_CPU``; the tests run both policies).
 """
 
 from __future__ import annotations
@@ -27,21 +35,31 @@ from ._capture import Capture
 from ._consistency import Consistency, check_remainder
 from ._kernels import LayerUse
 from ._kernels._base import Rows
+from ._numerics import normalized_gram
 from ._workspace import Workspace
 
 _GRAM_BLOCK_BYTES = 8 * 2**20
+_FP32_MAX_CANCELLATION = 64.0
+_FP32_GRAM_MAX_CONDITION = 100.0
+# The CPU-only precision policy of the module docstring (False: the device policy everywhere).
+HOST_DECISIONS_ON_CPU = True
+
+
+def host_decisions(device: torch.device) -> bool:
+    """Whether the precision policy may read values on the host (on the CPU only)."""
+    return HOST_DECISIONS_ON_CPU and device.type == "cpu"
+
 
 # Called with (rows, S) for every chunk of per-sequence gradients the first pass reads.
 Observer = Callable[[Rows, torch.Tensor], None]
 
 
-def _weighted_sum(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``Σ_i w_i s_i`` for ``s: (k, ...)`` and float64 ``w``, accumulated in float64 blocks.
-
-    The projection coefficients of nearly dependent sequence gradients are large and of mixed
-    sign; summing those in float32 would cancel catastrophically (error ~ κ · eps32).
-    """
+def _weighted_sum(w: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor:
+    """``Σ_i w_i s_i`` for ``s: (k, ...)`` and float64 ``w``; with ``exact``, the float32 values
+    are multiplied and accumulated in float64 blocks (see the module docstring)."""
     flat = s.reshape(s.shape[0], -1)
+    if not exact:
+        return (w.to(s.dtype) @ flat).view(s.shape[1:])
     out = torch.empty(flat.shape[1], dtype=s.dtype, device=s.device)
     cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(s.shape[0], 1)))
     for a in range(0, flat.shape[1], cols):
@@ -49,17 +67,30 @@ def _weighted_sum(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return out.view(s.shape[1:])
 
 
-def _add_weighted_sum(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> None:
-    """``out += Σ_i w_i s_i`` in place (float64 accumulation), for a contiguous ``out`` shaped
-    like ``s[0]``."""
+def _add_weighted_sum(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exact: bool) -> None:
+    """``out += Σ_i w_i s_i`` in place, for a contiguous ``out`` shaped like ``s[0]``."""
     flat = s.reshape(s.shape[0], -1)
     target = out.view(-1)
+    if not exact:
+        target.addmv_(flat.T, w.to(s.dtype))
+        return
     cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(s.shape[0], 1)))
     if cols >= flat.shape[1]:  # one block: no slicing
         target += w @ flat.double()
         return
     for a in range(0, flat.shape[1], cols):
         target[a : a + cols] += w @ flat[:, a : a + cols].double()
+
+
+def _needs_float64_gram(gram: torch.Tensor) -> bool:
+    """The CPU policy: whether a Gram matrix formed from float32 products must be formed again
+    in float64 — ``λ_min(Ĝ) < λ_max(Ĝ) / _FP32_GRAM_MAX_CONDITION`` over the nonzero ``g_i``
+    (each float32 entry is accurate to about ``eps32 · ‖g_i‖ ‖g_j‖``, enough when ``Ĝ`` is well
+    conditioned). Reads values on the host: CPU only."""
+    unit = normalized_gram(gram)
+    nonzero = unit.nonzero
+    eigval = torch.linalg.eigvalsh(unit.gram[nonzero][:, nonzero])
+    return bool(eigval.numel()) and bool(eigval[0] * _FP32_GRAM_MAX_CONDITION < eigval[-1])
 
 
 def _sum_parts(
@@ -152,6 +183,8 @@ class TensorSequenceGradients:
         self.check = check
         self.observer = observer
         self.dtype = torch.promote_types(param.dtype, torch.float32)
+        self.host_decisions = host_decisions(param.device)
+        self._gram: torch.Tensor | None = None  # G, once gram_and_inner formed it
         # Per use: the kernel, and either its fused per-sequence gradients (taken from the
         # capture: consumed by this tensor alone) with the sum autograd received, or its input.
         self._fused: list[tuple[torch.Tensor, torch.Tensor | None]] = []
@@ -217,7 +250,8 @@ class TensorSequenceGradients:
 
     def gram_and_inner(self, running: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(G, r)`` in float64, from one pass over the sequence gradients, which also runs the
-        consistency check (its result stays on the device: ``check.ratio``)."""
+        consistency check (its result stays on the device: ``check.ratio``); products in
+        float64, or, under the CPU policy, in float32 with a float64 pass when needed."""
         check = self.check
         if check is not None and self._remainder_rows is not None:
             check_remainder(
@@ -229,6 +263,17 @@ class TensorSequenceGradients:
                 self.dtype,
             )
             check = None
+        precise = not self.host_decisions
+        gram, inner = self._pass(running, precise, check, first=True)
+        if not precise and _needs_float64_gram(gram):
+            gram, inner = self._pass(running, True, None, first=False)
+        self._gram = gram
+        return gram, inner
+
+    def _pass(
+        self, running: torch.Tensor | None, precise: bool, check: Consistency | None, first: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over the chunks: ``(G, r)``, products in float64 if ``precise``."""
         k = self.num_sequences
         # Partial results of the blocks, summed in float64 at the end.
         grams: list[torch.Tensor] = []
@@ -236,8 +281,9 @@ class TensorSequenceGradients:
         grad = self.autograd_grad
         chunks = self.plan.chunks
         for rows in chunks:
-            s = self._form(rows)
-            if self.observer is not None:
+            s = self._kept if self._kept is not None else self._form(rows)
+            self._kept = None
+            if self.observer is not None and first:
                 self.observer(rows, s)
             flat = s.reshape(k + 1, -1)
             whole = isinstance(rows, slice) and rows == slice(None)  # no indexing op: all rows
@@ -247,18 +293,18 @@ class TensorSequenceGradients:
                 running_rows = (running if whole else running[rows]).reshape(-1)
             # Column blocks that stay in cache: the Gram matrix, the inner products and the
             # sum check read each block once (whole-tensor calls would read S three times).
-            cols = max(1, _GRAM_BLOCK_BYTES // (8 * (k + 1)))
+            cols = max(1, _GRAM_BLOCK_BYTES // ((8 if precise else 4) * (k + 1)))
             for a in range(0, flat.shape[1], cols):
                 one = cols >= flat.shape[1]  # one block: no slicing ops
                 block = flat if one else flat[:, a : a + cols]
                 g_block = g_rows if one else g_rows[a : a + cols]
                 if check is not None:
                     check.add_block(block, g_block)
-                seqs = block[:k].double()
+                seqs = block[:k].double() if precise else block[:k]
                 grams.append(seqs @ seqs.T)
                 if running_rows is not None:
                     r_block = running_rows if one else running_rows[a : a + cols]
-                    inners.append(seqs @ r_block.double())
+                    inners.append(seqs @ r_block.to(seqs.dtype))
             if len(chunks) == 1:
                 self._kept = s
             else:
@@ -270,7 +316,9 @@ class TensorSequenceGradients:
         return _sum_parts(grams, (k, k), device), _sum_parts(inners, (k,), device)
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
-        """``Σ_i w_i g_i``, accumulated in float64 (see the module docstring)."""
+        """``Σ_i w_i g_i``, float32 values multiplied in float64 (under the CPU policy: in
+        float32 unless the cancellation factor ``κ = Σ_i |w_i| ‖g_i‖ / ‖Σ_i w_i g_i‖`` exceeds
+        ``_FP32_MAX_CANCELLATION``; float32's error is ``κ · eps32``)."""
         out = torch.empty(self.param.shape, dtype=self.dtype, device=self.param.device)
         if self.plan.rows is not None or len(self.plan.chunks) > 1:
             out.zero_()
@@ -282,7 +330,8 @@ class TensorSequenceGradients:
         """A new tensor ``running + mcb_grad + Σ_i w_i g_i`` (``mcb_grad`` None: left out).
 
         The combination is added into ``running + mcb_grad`` in the same pass that reads the
-        sequence gradients (no temporary of the tensor's size), accumulated in float64.
+        sequence gradients (no temporary of the tensor's size), with the precision of
+        :meth:`combine`.
         """
         if mcb_grad is None:
             base = running.to(self.dtype, copy=True)
@@ -293,15 +342,22 @@ class TensorSequenceGradients:
     def _combine_into(self, out: torch.Tensor, weights: torch.Tensor, add: bool) -> torch.Tensor:
         k = self.num_sequences
         w = weights.to(torch.float64)
+        exact = True
+        if self.host_decisions:
+            gram = self._gram
+            assert gram is not None, "gram_and_inner() forms G before any combination"
+            # κ > _FP32_MAX_CANCELLATION, compared squared: (Σ|w_i| ‖g_i‖)² > κ_max² ‖Σ w_i g_i‖².
+            spread = w.abs() @ gram.diagonal().sqrt()
+            exact = bool(spread.square() > _FP32_MAX_CANCELLATION**2 * (w @ (gram @ w)))
         for rows in self.plan.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
             self._kept = None
             if not add:
-                out[rows] = _weighted_sum(w, s[:k])
+                out[rows] = _weighted_sum(w, s[:k], exact)
             elif isinstance(rows, slice):
-                _add_weighted_sum(out[rows], w, s[:k])  # a view: rows of dim 0
+                _add_weighted_sum(out[rows], w, s[:k], exact)  # a view: rows of dim 0
             else:
-                out.index_add_(0, rows, _weighted_sum(w, s[:k]))
+                out.index_add_(0, rows, _weighted_sum(w, s[:k], exact))
             self._release(s)
         return out
 
