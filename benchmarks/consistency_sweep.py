@@ -179,6 +179,9 @@ def sweep(microbatches: int, outside: float, seed: int, max_tokens: int) -> dict
                     stats["worst"], stats["worst_setting"] = ratio / rtol, (s, name)
             stats["settings"] += 1
         out[precision] = stats
+        print(f"{precision}: {stats['settings']} settings, {stats['checks']} checks, "
+              f"{stats['false_positives']} false positives, worst {stats['worst']:.2f}, "
+              f"caught {stats['caught']}/{stats['controls']}", flush=True)  # fmt: skip
     return out
 
 
