@@ -30,39 +30,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from benchmarks.workloads import LayerKindModel
 from proma_accum import ProjectedAccumulator, _consistency
 
 PRECISIONS = ("bf16-params", "fp16-params", "bf16-autocast", "fp32-reduced-matmul")
 LAYERS = ("linear", "layer_norm", "rms_norm", "hf_rms_norm", "conv1d")
-
-
-class Tiny(nn.Module):
-    def __init__(self, vocab: int, d: int, layer: str):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        if layer == "linear":
-            self.mid = nn.Linear(d, d)
-        elif layer == "layer_norm":
-            self.mid = nn.LayerNorm(d)
-        elif layer == "rms_norm":
-            self.mid = nn.RMSNorm(d, eps=1e-6)
-        elif layer == "hf_rms_norm":
-            from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
-
-            self.mid = Qwen3RMSNorm(d)
-        else:
-            from transformers.pytorch_utils import Conv1D
-
-            self.mid = Conv1D(d, d)
-        with torch.no_grad():
-            for p in self.mid.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.mid(self.embed(ids))))
 
 
 @dataclass
@@ -108,7 +81,7 @@ def run_setting(
     """``[(tensor, ratio, rtol, with_outside)]`` for the second microbatch, clean and control."""
     torch.manual_seed(seed)
     vocab = 97
-    model = Tiny(vocab, setting.d, setting.layer)
+    model = LayerKindModel(setting.layer, vocab, setting.d)
     if setting.precision == "bf16-params":
         model.to(torch.bfloat16)
     elif setting.precision == "fp16-params":

@@ -28,7 +28,14 @@ import torch
 from torch import nn
 
 from benchmarks.dispatch_counts import CountOps
-from benchmarks.workloads import Microbatch, ModelSpec, Workload, reinforce_loss, tokens_in_loss
+from benchmarks.workloads import (
+    LayerKindModel,
+    Microbatch,
+    ModelSpec,
+    Workload,
+    reinforce_loss,
+    tokens_in_loss,
+)
 from proma_accum import ProjectedAccumulator, _seq_grads
 from proma_accum.testing import reference_accumulate
 
@@ -54,37 +61,6 @@ KINDS = ("linear", "embedding", "layer_norm", "rms_norm", "conv1d", "hf_rms_norm
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
-class KindModel(nn.Module):
-    """Embedding → the layer kind under test → tanh → LM head (tied for ``"tied"``)."""
-
-    def __init__(self, kind: str, vocab: int = 53, d: int = 16):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        if kind in ("linear", "embedding", "tied"):
-            self.mid: nn.Module = nn.Linear(d, d)
-        elif kind == "layer_norm":
-            self.mid = nn.LayerNorm(d)
-        elif kind == "rms_norm":
-            self.mid = nn.RMSNorm(d, eps=1e-6)
-        elif kind == "hf_rms_norm":
-            from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
-
-            self.mid = Qwen3RMSNorm(d)
-        else:
-            from transformers.pytorch_utils import Conv1D
-
-            self.mid = Conv1D(d, d)
-        with torch.no_grad():
-            for p in self.mid.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-        self.head = nn.Linear(d, vocab, bias=False)
-        if kind == "tied":
-            self.head.weight = self.embed.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.mid(self.embed(ids))))
-
-
 def _sequence_losses(model: nn.Module, mb: dict) -> torch.Tensor:
     logp = torch.log_softmax(model(mb["ids"]).float(), -1)
     token_nll = -logp[:, :-1].gather(-1, mb["ids"][:, 1:, None])[..., 0]
@@ -96,7 +72,8 @@ def check_kinds(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     errors = {}
     for kind in KINDS:
         torch.manual_seed(0)
-        model = KindModel(kind).to(device, dtype)
+        layer = kind if kind not in ("embedding", "tied") else "linear"
+        model = LayerKindModel(layer, vocab=53, d=16, tied=kind == "tied").to(device, dtype)
         gen = torch.Generator().manual_seed(1)
         mbs = [{"ids": torch.randint(0, 53, (4, 12), generator=gen).to(device)} for _ in range(3)]
         expected = reference_accumulate(model, mbs, _sequence_losses)

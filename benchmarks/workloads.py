@@ -265,3 +265,41 @@ def quick_workloads() -> dict[str, Workload]:
             seqs_per_row=2,
         ),
     }
+
+
+class LayerKindModel(nn.Module):
+    """Embedding → one layer of ``kind`` → tanh → LM head (tied to the embedding with ``tied``):
+    the smallest model that exercises one layer kind, for the correctness checks.
+
+    ``kind``: ``"linear"``, ``"layer_norm"``, ``"rms_norm"``, ``"hf_rms_norm"`` (Qwen3's) or
+    ``"conv1d"`` (transformers' GPT-2 layer).
+    """
+
+    def __init__(self, kind: str, vocab: int, d: int, tied: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        if kind == "linear":
+            self.mid: nn.Module = nn.Linear(d, d)
+        elif kind == "layer_norm":
+            self.mid = nn.LayerNorm(d)
+        elif kind == "rms_norm":
+            self.mid = nn.RMSNorm(d, eps=1e-6)
+        elif kind == "hf_rms_norm":
+            from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+            self.mid = Qwen3RMSNorm(d)
+        elif kind == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            self.mid = Conv1D(d, d)
+        else:
+            raise ValueError(f"unknown layer kind {kind!r}")
+        with torch.no_grad():  # non-trivial parameters (a norm's weight starts at ones)
+            for p in self.mid.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        self.head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.embed(ids))))
