@@ -105,11 +105,12 @@ def test_mechanism_probe_predicts_the_kl_of_a_small_step():
 
 def test_quick_sweep_runs_writes_outputs_and_resumes(tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--quick", "--out", str(out), "--no-progress"]) == 0
+    # one worker: no process start-up, the fastest on a busy 2-core machine
+    assert main(["sweep", "--quick", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
     data = json.loads((out / "sweep.json").read_text())
     spec = SweepSpec.quick()
     assert data["finished"] == data["planned"] == len(plan(spec)) == len(data["runs"])
-    assert data["command"] == f"proma-accum sweep --quick --out {out}"
+    assert data["command"] == f"proma-accum sweep --quick --out {out} --workers 1"
     run = data["runs"][0]
     assert len(run["metrics"]["val_reward"]) == spec.base["steps"] + 1
     assert set(run["summary"]) >= {"reward_gain", "kl_initial", "kl_successive", "mech_overlap"}
@@ -125,6 +126,6 @@ def test_quick_sweep_runs_writes_outputs_and_resumes(tmp_path, capsys):
     assert len(timing) == 1 and timing[0]["ran"] == len(plan(spec))
     # resumed: everything is cached, nothing runs, the timing history is unchanged
     capsys.readouterr()
-    assert main(["sweep", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["sweep", "--quick", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
     assert f"{len(plan(spec))} of {len(plan(spec))} runs" in capsys.readouterr().out
     assert len(json.loads((out / "timing.json").read_text())) == 1

@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--quick", action="store_true", help="smoke run of every axis (~30 s)")
     sw.add_argument("--out", default="proma-sweep-out", help="output directory (and cache)")
     sw.add_argument("--seeds", type=int, help="seeds per cell (default 5; quick: 2)")
-    sw.add_argument("--steps", type=int, help="RL steps per run (default 40; quick: 3)")
+    sw.add_argument("--steps", type=int, help="RL steps per run (default 40; quick: 2)")
     sw.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     sw.add_argument("--report-only", action="store_true", help="no training: report what is cached")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plot":
         return _plot(parser, args.results, args.out)
     if args.command == "sweep":
-        return _sweep(args, argv)
+        return _sweep_command(args, argv)
     overrides = {}
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
@@ -153,7 +153,7 @@ def _plot(parser: argparse.ArgumentParser, results: Path, out: Path | None) -> i
     return 0
 
 
-def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
+def _sweep_command(args: argparse.Namespace, argv: list[str]) -> int:
     from ._sweep import SweepSpec, run_sweep
     from ._sweep_report import write_outputs
 

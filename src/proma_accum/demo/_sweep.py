@@ -78,15 +78,15 @@ class SweepSpec:
             strengths=(1.0,),
             variants=("proma-exact",),
             base={
-                "steps": 3,
-                "mechanism_every": 3,
+                "steps": 2,
+                "mechanism_every": 2,
                 "mechanism_sequences": 8,
                 "prompts_per_step": 4,
                 "probe_size": 16,
                 "probe_samples": 1,
                 "kl_window": 2,
                 "warm_start_target": 0.05,
-                "warm_start_max_steps": 50,
+                "warm_start_max_steps": 25,
             },
         )
 

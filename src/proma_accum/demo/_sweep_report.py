@@ -465,8 +465,9 @@ def plot(spec: SweepSpec, res: dict, records: dict, out: Path) -> list[Path]:
         lo = min(min(p, q) for _, p, q in pairs if p > 0 and q > 0)
         hi = max(max(p, q) for _, p, q in pairs)
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="predicted = measured")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if any(p > 0 and q > 0 for _, p, q in pairs):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
     ax.set_xlabel("predicted KL of the update, ½ mean (Δθ·g_i)²")
     ax.set_ylabel("measured sequence KL of the update")
     ax.legend(fontsize=8)
@@ -478,7 +479,8 @@ def plot(spec: SweepSpec, res: dict, records: dict, out: Path) -> list[Path]:
                     yerr=[_sd(r["overlap"]) for r in rows], marker="o", capsize=3, label=m,
                     color=METHOD_COLORS.get(m))  # fmt: skip
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    if any(_mean(r["overlap"]) > 0 for r in res["mechanism"]):
+        ax.set_yscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("mean_i (G·g_i)² / (|G|² mean_i |g_i|²)")
     ax.set_title("squared overlaps of the step gradient with its sequences' gradients")
