@@ -60,9 +60,14 @@ def test_matched_comparison_pairs_seeds():
         }
         for lr in (1.0, 2.0, 4.0)
     }
-    [(_level, (diff, half, n))] = matched(cells, "a", "b", "reward_gain", "kl_initial", [3.0])
+    [(_level, (diff, half, n))] = matched(
+        cells, "a", "b", "reward_gain", "kl_initial", [3.0], log=False
+    )
     assert n == 3 and diff < 0 and half < abs(diff)
     assert _verdict(-diff, half) == "holds"
+    # in log x: the level is crossed at the same place for a straight line in log x
+    [(_, (d_log, _, n_log))] = matched(cells, "a", "b", "reward_gain", "kl_initial", [2.0])
+    assert n_log == 3 and d_log < 0
     assert _verdict(0.1, 0.2) == "inconclusive"
     assert _verdict(-0.3, 0.2) == "does not hold"
 

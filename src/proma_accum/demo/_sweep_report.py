@@ -124,9 +124,17 @@ def _cross(xs: list[float], ys: list[float], level: float) -> float:
     return math.nan
 
 
-def matched(lr_cells: dict, a: str, b: str, x: str, y: str, levels: list[float]) -> list:
+def _log(v: float) -> float:
+    return math.log(v) if v > 0 else math.nan
+
+
+def matched(
+    lr_cells: dict, a: str, b: str, x: str, y: str, levels: list[float], *, log: bool = True
+) -> list:
     """Paired ``y_a - y_b`` at matched ``x`` (per seed, each method's lr curve crossed at
-    ``level``); one ``(level, (mean, half, n))`` per level."""
+    ``level``, linearly in ``log x`` when ``log``); one ``(level, (mean, half, n))`` per
+    level."""
+    f = _log if log else float
     lrs = sorted(lr_cells)
     seeds = len(next(iter(lr_cells.values()))[a])
     out = []
@@ -138,24 +146,25 @@ def matched(lr_cells: dict, a: str, b: str, x: str, y: str, levels: list[float])
                 if any(r is None for r in runs):
                     dst.append(math.nan)
                     continue
-                dst.append(_cross([r[x] for r in runs], [r[y] for r in runs], level))
+                dst.append(_cross([f(r[x]) for r in runs], [r[y] for r in runs], f(level)))
         out.append((level, paired_interval(da, db)))
     return out
 
 
 def _levels(lr_cells: dict, methods: list[str], x: str) -> list[float]:
-    """Three levels of ``x`` inside the range every method's median curve covers."""
+    """Three levels of ``x`` inside the range every method's median curve covers, evenly
+    spaced in ``log x``."""
     lrs = sorted(lr_cells)
     lo, hi = -math.inf, math.inf
     for m in methods:
         med = [_median(_vals(lr_cells[lr][m], x)) for lr in lrs]
-        med = [v for v in med if not math.isnan(v)]
+        med = [v for v in med if not math.isnan(v) and v > 0]
         if not med:
             return []
         lo, hi = max(lo, min(med)), min(hi, max(med))
     if not lo < hi:
         return []
-    return [lo + (hi - lo) * f for f in (0.25, 0.5, 0.75)]
+    return [lo * (hi / lo) ** f for f in (0.25, 0.5, 0.75)]
 
 
 def _median(xs: list[float]) -> float:
@@ -200,23 +209,20 @@ def analyse(spec: SweepSpec, summaries: dict[str, dict]) -> dict:
         res["claims"].append({"lr": lr, "claims": claims})
     if lr_cells and all(m in next(iter(lr_cells.values())) for m in spec.lr_methods):
         for base in [m for m in spec.lr_methods if m != "proma"]:
-            levels = _levels(lr_cells, ["proma", base], "reward_gain")
-            for y, sign, label in (
-                ("kl_initial", -1, "KL from initial"),
-                ("kl_successive", -1, "step-to-step KL"),
-                ("entropy_final", +1, "final entropy"),
-            ):
-                for level, d in matched(lr_cells, "proma", base, "reward_gain", y, levels):
-                    res["matched"].append(
-                        {"base": base, "at": "reward_gain", "level": level, "metric": label,
-                         "diff": d, "verdict": _verdict(sign * d[0], d[1])}
-                    )  # fmt: skip
-            levels = _levels(lr_cells, ["proma", base], "kl_initial")
-            for level, d in matched(lr_cells, "proma", base, "kl_initial", "reward_gain", levels):
-                res["matched"].append(
-                    {"base": base, "at": "kl_initial", "level": level, "metric": "reward gain",
-                     "diff": d, "verdict": _verdict(d[0], d[1])}
-                )  # fmt: skip
+            for x, ys in (
+                ("kl_successive", (("reward_gain", +1, "reward gain"),
+                                   ("kl_initial", -1, "KL from initial"),
+                                   ("entropy_final", +1, "final entropy"))),
+                ("kl_initial", (("reward_gain", +1, "reward gain"),
+                                ("entropy_final", +1, "final entropy"))),
+            ):  # fmt: skip
+                levels = _levels(lr_cells, ["proma", base], x)
+                for y, sign, label in ys:
+                    for level, d in matched(lr_cells, "proma", base, x, y, levels):
+                        res["matched"].append(
+                            {"base": base, "at": x, "level": level, "metric": label,
+                             "diff": d, "verdict": _verdict(sign * d[0], d[1])}
+                        )  # fmt: skip
     ref = cells.get("variant", {}).get("reinforce", {}).get("reinforce")
     for axis in ("accumulation", "clamp", "strength", "variant"):
         for value, row in cells.get(axis, {}).items():
@@ -328,12 +334,15 @@ def format_report(spec: SweepSpec, res: dict, meta: dict) -> str:
             L.append(f"| {c['lr']:g} | ({tag}) {text} | {_ci(d, digits)} | {v} |")
     L += ["", "## Matched comparisons (along each method's learning-rate curve)", "",
           "Per seed, each method's metrics are read off its learning-rate curve where the "
-          "matched quantity first reaches the level (linear between neighbouring learning "
-          "rates); seeds whose curve does not reach the level are left out (n).", "",
+          "matched KL first reaches the level (linear in log KL between neighbouring learning "
+          "rates); seeds whose curve does not reach the level are left out (n). Levels: "
+          "evenly spaced in log KL inside the range both methods' median curves cover. "
+          "(Reward gain is not used as the matched quantity: it is not monotone in the "
+          "learning rate.)", "",
           "| PROMA vs | matched at | level | metric | PROMA − baseline | verdict (PROMA better) |",
           "|---|---|---|---|---|---|"]  # fmt: skip
     for r in res["matched"]:
-        at = "reward gain" if r["at"] == "reward_gain" else "KL from initial"
+        at = "step-to-step KL" if r["at"] == "kl_successive" else "KL from initial"
         L.append(
             f"| {r['base']} | {at} | {_fmt(r['level'], 4)} | {r['metric']} | "
             f"{_ci(r['diff'], 4)} | {r['verdict']} |"
