@@ -109,6 +109,8 @@ def _ci(p: tuple[float, float, int], digits: int = 3) -> str:
     mean, half, n = p
     if math.isnan(mean):
         return "–"
+    if max(abs(mean), half if math.isfinite(half) else 0) < 10 ** (1 - digits):
+        return f"{mean:+.1e} ± {half:.1e} (n={n})"  # too small for fixed digits
     return f"{mean:+.{digits}f} ± {half:.{digits}f} (n={n})"
 
 
