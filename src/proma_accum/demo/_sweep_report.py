@@ -494,7 +494,7 @@ def plot(spec: SweepSpec, res: dict, records: dict, out: Path) -> list[Path]:
         ax.set_yscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("mean_i (G·g_i)² / (|G|² mean_i |g_i|²)")
-    ax.set_title("squared overlaps of the step gradient with its sequences' gradients")
+    ax.set_title("overlaps of the step gradient with its sequences")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -526,7 +526,9 @@ def write_outputs(spec: SweepSpec, out, *, timing: dict | None = None, argv=None
     history = json.loads(timing_path.read_text()) if timing_path.exists() else []
     res = analyse(spec, summaries)
     pairs = _probe_pairs(records, _lr_keys(spec))
-    command = "proma-accum " + " ".join(a for a in (argv or ["sweep"]) if a != "--no-progress")
+    # the command that produced the runs: --report-only redraws the same outputs
+    skip = ("--no-progress", "--report-only")
+    command = "proma-accum " + " ".join(a for a in (argv or ["sweep"]) if a not in skip)
     meta = {
         "command": command.strip(),
         "created": now(),
