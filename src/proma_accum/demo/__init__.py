@@ -3,7 +3,8 @@
 A tiny Qwen3 policy learns two-digit addition with a verifiable reward; the methods differ
 only in their update rule. Run ``proma-accum demo`` (or ``python -m proma_accum.demo``);
 ``--quick`` finishes in about a minute. ``proma-accum plot results.json`` redraws the figure
-of a finished run. See :func:`main` for the options.
+of a finished run. ``proma-accum sweep`` runs the trade-off grid of ``docs/evidence.md``
+(learning rate x method, and PROMA's settings), resumably. See :func:`main` for the options.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``proma-accum``: ``demo [options]``, ``plot RESULTS``, or help.
+    """Entry point of ``proma-accum``: ``demo [options]``, ``sweep [options]``,
+    ``plot RESULTS``, or help.
 
     ``python -m proma_accum.demo [options]`` is ``proma-accum demo [options]``.
     """
