@@ -3,13 +3,15 @@
 A tiny Qwen3 policy learns two-digit addition with a verifiable reward; the methods differ
 only in their update rule. Run ``proma-accum demo`` (or ``python -m proma_accum.demo``);
 ``--quick`` finishes in about a minute. ``proma-accum plot results.json`` redraws the figure
-of a finished run. See :func:`main` for the options.
+of a finished run. ``proma-accum sweep`` runs the trade-off grid of ``docs/evidence.md``
+(learning rate x method, and PROMA's settings), resumably. See :func:`main` for the options.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--no-progress", action="store_true", help="no progress bar (one line per finished run)"
     )
+    sw = sub.add_parser(
+        "sweep",
+        help="trade-off curves: learning rate x method, and PROMA's settings (resumable)",
+        description="Run the grid of docs/evidence.md (learning rate x GRPO/REINFORCE/PROMA; "
+        "accumulation length, clamp, strength, projection and mode at one learning rate). "
+        "Finished runs are cached under OUT/cache, so an interrupted sweep resumes. Writes "
+        "OUT/sweep.json, OUT/report.md and the figures.",
+    )
+    sw.add_argument("--quick", action="store_true", help="smoke run of every axis (~30 s)")
+    sw.add_argument("--out", default="proma-sweep-out", help="output directory (and cache)")
+    sw.add_argument("--seeds", type=int, help="seeds per cell (default 5; quick: 2)")
+    sw.add_argument("--steps", type=int, help="RL steps per run (default 40; quick: 2)")
+    sw.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    sw.add_argument("--report-only", action="store_true", help="no training: report what is cached")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
     pl = sub.add_parser(
         "plot",
         help="redraw the four-panel figure from a demo's results.json (no training)",
@@ -78,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``proma-accum``: ``demo [options]``, ``plot RESULTS``, or help.
+    """Entry point of ``proma-accum``: ``demo [options]``, ``sweep [options]``,
+    ``plot RESULTS``, or help.
 
     ``python -m proma_accum.demo [options]`` is ``proma-accum demo [options]``.
     """
@@ -92,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "plot":
         return _plot(parser, args.results, args.out)
+    if args.command == "sweep":
+        return _sweep_command(args, argv)
     overrides = {}
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
@@ -132,4 +152,21 @@ def _plot(parser: argparse.ArgumentParser, results: Path, out: Path | None) -> i
     out = out if out is not None else results.with_name("figure.png")
     plot_figure(data, out)
     print(f"wrote {out}")
+    return 0
+
+
+def _sweep_command(args: argparse.Namespace, argv: list[str]) -> int:
+    from ._sweep import SweepSpec, run_sweep
+    from ._sweep_report import write_outputs
+
+    spec = SweepSpec.quick() if args.quick else SweepSpec()
+    if args.seeds is not None:
+        spec.seeds = args.seeds
+    if args.steps is not None:
+        spec.base = {**spec.base, "steps": args.steps}
+    timing = None
+    if not args.report_only:
+        timing = run_sweep(spec, args.out, workers=args.workers, progress=not args.no_progress)
+    summary = write_outputs(spec, args.out, timing=timing, argv=argv)
+    print(summary)
     return 0

@@ -65,6 +65,12 @@ TRAIN_METRICS = (
     "response_length",  # mean response length (tokens, incl. <eos>) of the rollout batch
     "proma_projected_norm_ratio",  # PROMA: |removed| / |accumulated gradient|, step mean
     "proma_clamp_fraction",  # PROMA: fraction of tensor updates where the clamp bound
+    # The mechanism probe (every `mechanism_every` steps, NaN otherwise), on the sequences of
+    # the step's last optimizer minibatch (at most `mechanism_sequences`), with g_i the
+    # gradient of sequence i's log-probability and G the accumulated gradient:
+    "mech_overlap",  # mean_i (G . g_i)^2 / (|G|^2 mean_i |g_i|^2): squared overlaps, scale-free
+    "mech_kl_predicted",  # 1/2 mean_i (dtheta . g_i)^2: second-order (Fisher) KL of the update
+    "mech_kl_measured",  # mean_i of the exact sequence-level KL(before || after) of the update
 )
 
 
@@ -81,7 +87,8 @@ class DemoConfig:
     minibatches: int = 2
     lr: float = 5e-4
     clip: float = 0.2
-    clamp: float = 0.5
+    clamp: float | None = 0.5
+    strength: float = 1.0
     probe_size: int = 64
     probe_samples: int = 2
     kl_window: int = 10
@@ -91,6 +98,8 @@ class DemoConfig:
     warm_start_target: float = 0.25
     warm_start_max_steps: int = 1500
     warm_start_check_every: int = 25
+    mechanism_every: int = 0  # 0: no mechanism probe
+    mechanism_sequences: int = 64
     workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
 
     @classmethod
@@ -237,7 +246,10 @@ def train_method(
         if spec["projection"] is not None:
             from proma_accum import ProjectedAccumulator
 
-            acc = ProjectedAccumulator(policy, projection=spec["projection"], clamp=cfg.clamp)
+            acc = ProjectedAccumulator(
+                policy, projection=spec["projection"], clamp=cfg.clamp, strength=cfg.strength
+            )
+        shadow = fresh() if cfg.mechanism_every else None  # a hook-free copy for the probe
 
         history: dict[str, list[float]] = {k: [] for k in (*PROBE_METRICS, *TRAIN_METRICS)}
         history["seconds"] = []
@@ -259,7 +271,10 @@ def train_method(
             for step in range(1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 previous.load_state_dict(policy.state_dict())
-                train = _update(policy, opt, acc, spec, task, cfg, _generator(seed, step, 3))
+                mech = shadow if cfg.mechanism_every and step % cfg.mechanism_every == 0 else None
+                train = _update(
+                    policy, opt, acc, spec, task, cfg, _generator(seed, step, 3), shadow=mech
+                )
                 record(step, train, time.perf_counter() - t0)
                 if on_step is not None:
                     on_step()
@@ -274,8 +289,12 @@ def _update(
     task: AdditionTask,
     cfg: DemoConfig,
     gen: torch.Generator,
+    shadow: nn.Module | None = None,
 ) -> dict[str, float]:
-    """One RL step: rollout, group-relative advantages, ``minibatches`` optimizer steps."""
+    """One RL step: rollout, group-relative advantages, ``minibatches`` optimizer steps.
+
+    With ``shadow`` (a hook-free copy of the policy's architecture), the mechanism probe runs
+    around the last optimizer step (see ``TRAIN_METRICS``)."""
     g = cfg.group_size
     clip = cfg.clip if spec["clip"] is not None else None
     unit_adv = spec.get("unit_advantages", False)
@@ -291,7 +310,9 @@ def _update(
         logp_old = token_logprobs(response_logits(policy, prompts, responses), responses)
     order = torch.randperm(len(pairs), generator=gen)
     clipped, ratios, clamps = 0.0, [], []
-    for mini in order.chunk(cfg.minibatches):
+    mech = dict.fromkeys(("mech_overlap", "mech_kl_predicted", "mech_kl_measured"), math.nan)
+    minis = order.chunk(cfg.minibatches)
+    for i_mini, mini in enumerate(minis):
         opt.zero_grad(set_to_none=True)
         n_tokens = float(mask[mini].sum())
         for micro in mini.split(cfg.microbatch_size):
@@ -313,7 +334,13 @@ def _update(
             step_stats = acc.stats()["step"].get("all", {})
             ratios.append(step_stats.get("projected_norm_ratio", math.nan))
             clamps.append(step_stats.get("clamp_fraction", math.nan))
+        probe = shadow is not None and i_mini == len(minis) - 1
+        if probe:
+            sel = mini[: cfg.mechanism_sequences]
+            before = _MechanismProbe(policy, shadow, prompts[sel], responses[sel], mask[sel])
         opt.step()
+        if probe:
+            mech = before.after(policy)
     opt.zero_grad(set_to_none=True)
     return {
         "train_reward": rewards.mean().item(),
@@ -321,4 +348,59 @@ def _update(
         "response_length": float(mask.sum(1).mean()),
         "proma_projected_norm_ratio": sum(ratios) / len(ratios) if ratios else math.nan,
         "proma_clamp_fraction": sum(clamps) / len(clamps) if clamps else math.nan,
+        **mech,
     }
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+class _MechanismProbe:
+    """The note's motivation, measured: the KL an update incurs grows with the squared overlaps
+    of the update with the sequences' log-probability gradients.
+
+    Created after the accumulation, before ``opt.step()``; :meth:`after` is called after it.
+    """
+
+    def __init__(self, policy, shadow, prompts, responses, mask) -> None:
+        params = list(policy.parameters())
+        self.grad = _flat(
+            p.grad if p.grad is not None else torch.zeros_like(p) for p in params
+        ).double()
+        self.theta = _flat(p.detach() for p in params).double()
+        shadow.load_state_dict(policy.state_dict())
+        shadow.requires_grad_(True)
+        sparams = list(shadow.parameters())
+        rows = []
+        for i in range(len(prompts)):  # one sequence at a time: exact per-sequence gradients
+            logp = token_logprobs(
+                response_logits(shadow, prompts[i : i + 1], responses[i : i + 1]),
+                responses[i : i + 1],
+            )
+            grads = torch.autograd.grad((logp * mask[i : i + 1]).sum(), sparams, allow_unused=True)
+            rows.append(
+                _flat(
+                    g if g is not None else torch.zeros_like(p)
+                    for g, p in zip(grads, sparams, strict=True)
+                )
+            )
+        self.seq_grads = torch.stack(rows).double()  # (n, d)
+        with torch.no_grad():
+            self.logits = response_logits(shadow, prompts, responses)
+        self.shadow, self.prompts, self.responses, self.mask = shadow, prompts, responses, mask
+
+    @torch.no_grad()
+    def after(self, policy) -> dict[str, float]:
+        delta = _flat(p.detach() for p in policy.parameters()).double() - self.theta
+        g = self.seq_grads
+        norms = self.grad.square().sum() * g.square().sum(1).mean()
+        overlap = (g @ self.grad).square().mean() / norms if norms > 0 else math.nan
+        self.shadow.load_state_dict(policy.state_dict())
+        after = response_logits(self.shadow, self.prompts, self.responses)
+        measured = (exact_kl(self.logits, after) * self.mask).sum(1).mean()
+        return {
+            "mech_overlap": float(overlap),
+            "mech_kl_predicted": float(0.5 * (g @ delta).square().mean()),
+            "mech_kl_measured": float(measured),
+        }
