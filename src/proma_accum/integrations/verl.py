@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'proma-accum[verl]'"
     ) from exc
 
-from .._accumulator import ProjectedAccumulator
+from .. import ProjectedAccumulator
 from ..sequence_ids import from_attention_mask, from_cu_seqlens
 
 __all__ = ["PromaFSDPEngineConfig", "PromaFSDPEngineWithLMHead", "sequence_ids"]
