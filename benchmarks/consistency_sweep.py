@@ -8,8 +8,8 @@ and one too loose misses a real contribution from outside the hooked layers.
 
 For each sampled setting — hidden size, tokens per sequence, sequences ``k``, the layer kind
 between an embedding and an LM head, and the precision (bf16 parameters, fp16 parameters, bf16
-autocast over float32 parameters, float32 with reduced-precision matmuls) — the script runs
-two microbatches of a step and records every tensor's mismatch ratio on the second:
+or fp16 autocast over float32 parameters, float32 with reduced-precision matmuls) — the script
+runs two microbatches of a step and records every tensor's mismatch ratio on the second:
 
 * clean: the plain loss; every failed check is a false positive;
 * control: the same loss plus a term whose gradient adds ``outside × ‖g‖`` (default 1%) to
@@ -34,7 +34,7 @@ import torch
 from benchmarks.workloads import LayerKindModel
 from proma_accum import ProjectedAccumulator, _consistency
 
-PRECISIONS = ("bf16-params", "fp16-params", "bf16-autocast", "fp32-reduced-matmul")
+PRECISIONS = ("bf16-params", "fp16-params", "bf16-autocast", "fp16-autocast", "fp32-reduced-matmul")
 LAYERS = ("linear", "layer_norm", "rms_norm", "hf_rms_norm", "conv1d")
 
 
@@ -61,8 +61,9 @@ def _sample(rng: random.Random, precision: str, max_tokens: int) -> Setting:
 
 @contextlib.contextmanager
 def _precision(setting: Setting):
-    if setting.precision == "bf16-autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+    if setting.precision in ("bf16-autocast", "fp16-autocast"):
+        dtype = torch.bfloat16 if setting.precision == "bf16-autocast" else torch.float16
+        with torch.autocast("cpu", dtype=dtype):
             yield
     elif setting.precision == "fp32-reduced-matmul":
         before = torch.get_float32_matmul_precision()

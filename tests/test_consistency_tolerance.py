@@ -36,3 +36,8 @@ def test_the_tolerance_follows_the_precisions_in_play():
     autocast = tolerance(torch.float32, [torch.bfloat16], low_precision_accumulation=True)
     assert autocast == Tolerance(2 * 2.0**-8, 0.0)  # autocast runs norms in float32
     assert tolerance(torch.float16, [None], low_precision_accumulation=False).rtol == 1e-3
+    # float16's subnormal spacing, 2**-24, over N tokens x numel elements
+    fp16 = tolerance(torch.float16, [], False, tokens=4, numel=9)
+    assert fp16.absolute == 2.0**-24 * 6
+    assert tolerance(torch.float32, [torch.float16], False, tokens=4, numel=9).absolute > 0
+    assert tolerance(torch.bfloat16, [torch.bfloat16], False, tokens=4, numel=9).absolute == 0

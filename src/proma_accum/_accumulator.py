@@ -517,7 +517,8 @@ class ProjectedAccumulator:
         if not (verified and len(uses) == 1):
             dtypes = [d for cap, _ in captures for d in cap.input_dtypes()]
             lowp = any(cap.layer.kernel.low_precision_accumulation for cap, _ in uses)
-            limit = tolerance(target.dtype, dtypes, lowp)
+            tokens = sum(cap.seg.token_seq.numel() for cap, _ in uses)
+            limit = tolerance(target.dtype, dtypes, lowp, tokens, target.numel())
             observed = [f"gradient hook(s) on the parameter: {', '.join(hooks)}"] if hooks else []
             observed += sorted(
                 {

@@ -68,6 +68,13 @@ class Tolerance:
       (measured: up to ``0.26 u Σ_t ‖c_t‖`` for bf16 LayerNorm, whose relative error then
       grows with the number of tokens, to 10% at 16k tokens).
 
+    * ``absolute = 2⁻²⁴ · sqrt(N · numel)`` when float16 is in play (parameters or an autocast
+      input; ``N`` tokens, ``numel`` elements of the tensor): float16's subnormal range starts
+      at 6e-5, and unscaled output gradients fall below it (measured: 99.7% of a small LM's),
+      where each product is rounded to an absolute spacing of ``2⁻²⁴``; the bound is ~3.5x
+      the random-rounding estimate ``2⁻²⁵ sqrt(N · numel / 3)``. (bfloat16 has float32's
+      exponent range and no such term.)
+
     A contribution from outside the hooked layers is caught when it exceeds this bound: in
     float32, above 0.1% of the gradient's norm; with bf16 parameters above ~0.8% for GEMM and
     RMSNorm layers, and above the (token-count dependent) accumulation term for LayerNorm and
@@ -76,15 +83,19 @@ class Tolerance:
 
     rtol: float
     accumulation: float
+    absolute: float = 0.0
 
 
 def tolerance(
     param_dtype: torch.dtype,
     input_dtypes: Iterable[torch.dtype | None],
     low_precision_accumulation: bool,
+    tokens: int = 0,
+    numel: int = 0,
 ) -> Tolerance:
-    """The :class:`Tolerance` for a tensor of ``param_dtype`` whose layers multiplied inputs of
-    ``input_dtypes`` (None: not recorded)."""
+    """The :class:`Tolerance` for a tensor of ``param_dtype`` and ``numel`` elements whose
+    layers multiplied inputs of ``input_dtypes`` (None: not recorded) over ``tokens`` tokens."""
+    input_dtypes = list(input_dtypes)
     u_param = _UNIT_ROUNDOFF.get(param_dtype, 2.0**-24)
     u = max(
         u_param,
@@ -92,9 +103,10 @@ def tolerance(
         *(_UNIT_ROUNDOFF.get(d, 0.0) for d in input_dtypes if d is not None),
     )
     half = param_dtype in (torch.float16, torch.bfloat16)
-    return Tolerance(
-        max(RTOL_FLOOR, 2 * u), u_param if half and low_precision_accumulation else 0.0
-    )
+    accumulation = u_param if half and low_precision_accumulation else 0.0
+    fp16 = param_dtype == torch.float16 or torch.float16 in input_dtypes
+    absolute = 2.0**-24 * (tokens * numel) ** 0.5 if fp16 else 0.0
+    return Tolerance(max(RTOL_FLOOR, 2 * u), accumulation, absolute)
 
 
 @dataclass
@@ -144,12 +156,11 @@ class Consistency:
         """:attr:`ratio` and :attr:`allowed` from squared norms (0 when both are 0)."""
         norm = total.sqrt().clamp(min=1e-300)
         self.ratio = mismatch.sqrt() / norm
-        allowed = self.tolerance.rtol
+        allowed = self.tolerance.rtol + self.tolerance.absolute / norm
         if self._scales:
             scale = _sum(self._scales, norm.device)
-            self.allowed = allowed + self.tolerance.accumulation * scale / norm
-        else:
-            self.allowed = torch.full_like(norm, allowed)
+            allowed = allowed + self.tolerance.accumulation * scale / norm
+        self.allowed = allowed
 
     def error(self) -> IncompleteSequenceDataError:
         ratio = float(self.ratio) if self.ratio is not None else float("nan")
