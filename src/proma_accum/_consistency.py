@@ -156,11 +156,14 @@ class Consistency:
         """:attr:`ratio` and :attr:`allowed` from squared norms (0 when both are 0)."""
         norm = total.sqrt().clamp(min=1e-300)
         self.ratio = mismatch.sqrt() / norm
-        allowed = self.tolerance.rtol + self.tolerance.absolute / norm
+        limit = self.tolerance
+        extra = limit.absolute
         if self._scales:
-            scale = _sum(self._scales, norm.device)
-            allowed = allowed + self.tolerance.accumulation * scale / norm
-        self.allowed = allowed
+            extra = extra + limit.accumulation * _sum(self._scales, norm.device)
+        if isinstance(extra, torch.Tensor) or extra:
+            self.allowed = limit.rtol + extra / norm
+        else:  # one op, not three: the common float32 case
+            self.allowed = torch.full_like(norm, limit.rtol)
 
     def error(self) -> IncompleteSequenceDataError:
         ratio = float(self.ratio) if self.ratio is not None else float("nan")
