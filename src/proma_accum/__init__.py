@@ -7,7 +7,9 @@ then the microbatch gradient is added — layer by layer, during the backward pa
 Where things live (public modules first):
 
 * :class:`ProjectedAccumulator` (``_accumulator``): the facade — settings, the hook lifecycle,
-  the ``microbatch()`` context (all-or-nothing, the data-parallel world) and the parameter hook.
+  the ``microbatch()`` context (all-or-nothing, the data-parallel world) and the parameter hook;
+  the open microbatch's state is in ``_microbatch``, the optimizer pass-through in
+  ``_optimizer``.
 * :mod:`proma_accum.kernels`: the public registry of per-layer kernels (``register``), the one
   argument they take (``LayerUse``) and helpers for writing one; the built-in kernels, one small
   file per layer kind, are in ``_kernels/``.
@@ -31,9 +33,10 @@ Where things live (public modules first):
   constructor validation; ``_stats``: diagnostics.
 """
 
-from ._accumulator import MicrobatchFailedError, ProjectedAccumulator
+from ._accumulator import ProjectedAccumulator
 from ._consistency import IncompleteSequenceDataError
 from ._layout import ShapeMismatchError
+from ._microbatch import MicrobatchFailedError
 
 __version__ = "0.1.0"
 

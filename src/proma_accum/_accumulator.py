@@ -12,32 +12,27 @@ import functools
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ._autograd import graph_task_id, hook_name, tensor_hooks
-from ._capture import Capture, capture_forward
+from ._capture import capture_forward
 from ._consistency import Consistency, tolerance, verify_all
 from ._coverage import discover
-from ._distributed import ShardedSlot, Taken, data_parallel
+from ._distributed import ShardedSlot, data_parallel
 from ._fused import create_graph_error
 from ._hooks import HookSet
 from ._kernels._base import Rows
 from ._layout import SequenceLayout, dense_advantages
+from ._microbatch import MicrobatchFailedError, MicrobatchState, fingerprint
+from ._optimizer import OptimizerPassThrough
 from ._proma import Projection, accumulate_proma
 from ._seq_grads import TensorSequenceGradients
 from ._settings import DEFAULT_CHUNK_BYTES, validate
 from ._stats import StatsRecorder, flatten
 from ._workspace import Workspace
-
-
-class MicrobatchFailedError(RuntimeError):
-    """The backward inside a microbatch context raised, and the exception was caught inside
-    the context; every ``p.grad`` has been restored (the original is ``__cause__``)."""
-
 
 # Called with (parameter name, rows, per-sequence gradients of those rows): see
 # ``proma_accum.testing.record_sequence_gradients``.
@@ -47,46 +42,7 @@ SequenceGradientObserver = Callable[[str, Rows, torch.Tensor], None]
 _METRICS = ("projected_norm_ratio", "clamp_fraction", "num_sequences", "rank", "updates")
 
 
-@dataclass
-class _Microbatch:
-    layout: SequenceLayout
-    advantages: torch.Tensor | None  # (k,) float64, in dense sequence order
-    world: int = 1
-    captures: dict[nn.Module, list[Capture]] = field(default_factory=dict)
-    roles_done: dict[nn.Module, int] = field(default_factory=dict)
-    before: dict[nn.Parameter, Taken] = field(default_factory=dict)
-    # Projected tensors accumulated plainly in this microbatch: those of layers whose kernel
-    # needs one sequence per row (the Opacus fallback), under per-token seq_ids.
-    plain: frozenset[nn.Parameter] = frozenset()
-    thread: int = 0  # the thread that opened the context
-    forwards: int = 0  # forwards with grad of covered layers inside the context
-    # The consistency checks of the projected tensors, verified together at the context exit.
-    checks: list[Consistency] = field(default_factory=list)
-    # The first exception raised inside a gradient hook (the backward failed), even if the
-    # body caught it: the microbatch then fails at the context exit.
-    error: BaseException | None = None
-    # True from the first gradient hook of a backward until that backward completes: still
-    # True at the exit means the backward raised (anywhere) and the body caught it.
-    backward_pending: bool = False
-
-    def backward_started(self) -> None:
-        if not self.backward_pending:
-            self.backward_pending = True
-            # PRIVATE: autograd's engine runs queued callbacks when the running backward
-            # completes, and not when it raises (DDP and FSDP use the same hook; there is no
-            # public API for it). Checked on torch 2.13.0.
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_completed)
-
-    def _backward_completed(self) -> None:
-        self.backward_pending = False
-
-
-def _fingerprint(model: nn.Module) -> list[tuple]:
-    """What coverage depends on, per parameter: identity, ``requires_grad``, dtype, device."""
-    return [(id(p), p.requires_grad, p.dtype, p.device) for p in model.parameters()]
-
-
-class ProjectedAccumulator:
+class ProjectedAccumulator(OptimizerPassThrough):
     r"""Accumulate gradients over microbatches with PROMA, inside ``p.grad``, during backward.
 
     For every covered parameter tensor ``t`` and microbatch ``m`` with sequences ``1..k``::
@@ -151,7 +107,7 @@ class ProjectedAccumulator:
         self.projection, self.clamp, self.strength, self.exclude, self.chunk_bytes = settings
         self.optimizer = optimizer
         self._hooks = HookSet()
-        self._state: _Microbatch | None = None
+        self._state: MicrobatchState | None = None
         # Per-sequence gradient buffers: metered, and on CPU the largest kept from one
         # microbatch to the next of the same step. Emptied when a step starts or ends
         # (zero_grad, step) and on detach.
@@ -170,13 +126,13 @@ class ProjectedAccumulator:
         names = self._coverage.names
         self._device = next(iter(names)).device if names else None
         # The coverage holds every parameter, so the ids in the fingerprint are not reused.
-        self._fingerprint = _fingerprint(self.model)
+        self._fingerprint = fingerprint(self.model)
 
     def _refresh_coverage(self) -> None:
         """Discover the coverage again (and re-hook) if the parameters changed since: a tensor
         frozen or unfrozen, parameters replaced (``load_state_dict(..., assign=True)``), a
         model moved to another device or dtype (which also drops the parameters' hooks)."""
-        if _fingerprint(self.model) == self._fingerprint:
+        if fingerprint(self.model) == self._fingerprint:
             return
         attached = self._hooks.attached
         self._hooks.detach()
@@ -207,7 +163,7 @@ class ProjectedAccumulator:
         """
         if self._hooks.attached:
             raise RuntimeError("ProjectedAccumulator is already attached; detach() it first")
-        if _fingerprint(self.model) != self._fingerprint:
+        if fingerprint(self.model) != self._fingerprint:
             self._discover()
         self._attach_hooks(stacklevel=3)
         return self
@@ -303,7 +259,7 @@ class ProjectedAccumulator:
         # is the same on every rank: each rank removes W times its own (clamped) projection,
         # so the average removes the sum of the ranks' projections.
         world = ddp.world if ddp is not None and synced and replicated else 1
-        state = _Microbatch(layout, adv, world=world, plain=plain, thread=threading.get_ident())
+        state = MicrobatchState(layout, adv, world=world, plain=plain, thread=threading.get_ident())
         stats = self._stats.checkpoint()
         if new_step:
             self._workspace.clear()
@@ -442,7 +398,7 @@ class ProjectedAccumulator:
             raise
 
     def _accumulate(
-        self, p: nn.Parameter, grad: torch.Tensor, state: _Microbatch
+        self, p: nn.Parameter, grad: torch.Tensor, state: MicrobatchState
     ) -> torch.Tensor | None:
         """The new running gradient of ``p`` (see :meth:`_on_grad`)."""
         cov = self._coverage
@@ -490,7 +446,7 @@ class ProjectedAccumulator:
         name: str,
         running: torch.Tensor | None,
         grad: torch.Tensor,
-        state: _Microbatch,
+        state: MicrobatchState,
         world: int,
     ) -> torch.Tensor:
         cov = self._coverage
@@ -560,7 +516,7 @@ class ProjectedAccumulator:
             self._stats.record(cov.layers[layers[0][0]].kernel.kind, info)
         return new
 
-    def _done_with(self, p: nn.Parameter, state: _Microbatch) -> None:
+    def _done_with(self, p: nn.Parameter, state: MicrobatchState) -> None:
         """Free a layer's captures once every projected parameter of it has its gradient."""
         cov = self._coverage
         for module, _ in cov.uses[p]:
@@ -610,64 +566,6 @@ class ProjectedAccumulator:
         for scope in ("microbatch", "step"):  # "all" always exists, zero without updates
             summary[scope].setdefault("all", dict.fromkeys(_METRICS, 0.0))
         return flatten(summary) if flat else summary
-
-    # ------------------------------------------------------------------ optimizer pass-through
-    def _require_optimizer(self) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            raise RuntimeError(
-                "no optimizer was given: construct with ProjectedAccumulator(model, optimizer=opt)"
-            )
-        return self.optimizer
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Start a new step: the wrapped optimizer's ``zero_grad`` (or the model's)."""
-        self._workspace.clear()
-        if self.optimizer is None:
-            self.model.zero_grad(set_to_none=set_to_none)
-        else:
-            self.optimizer.zero_grad(set_to_none=set_to_none)
-        if not set_to_none:
-            self._stats.new_step()
-
-    def step(self, closure: Any = None) -> Any:
-        """The wrapped optimizer's ``step``."""
-        self._workspace.clear()
-        return self._require_optimizer().step(closure)
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self._require_optimizer().param_groups
-
-    @property
-    def state(self) -> Any:
-        return self._require_optimizer().state
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"optimizer": <optimizer state>, "proma_accum": <settings and counters>}``."""
-        return {
-            "optimizer": self._require_optimizer().state_dict(),
-            "proma_accum": {
-                "projection": self.projection,
-                "clamp": self.clamp,
-                "strength": self.strength,
-                "exclude": list(self.exclude),
-                "chunk_bytes": self.chunk_bytes,
-                "microbatches": self._stats.microbatches,
-                "steps": self._stats.steps,
-            },
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (optimizer state and counters)."""
-        if not isinstance(state_dict, dict) or "optimizer" not in state_dict:
-            raise ValueError(
-                "state_dict must be what ProjectedAccumulator.state_dict() returned "
-                "(a dict with keys 'optimizer' and 'proma_accum')"
-            )
-        self._require_optimizer().load_state_dict(state_dict["optimizer"])
-        own = state_dict.get("proma_accum", {})
-        self._stats.microbatches = int(own.get("microbatches", 0))
-        self._stats.steps = int(own.get("steps", 0))
 
     def __reduce_ex__(self, protocol: object) -> Any:
         raise TypeError(
