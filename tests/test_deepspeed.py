@@ -10,7 +10,6 @@ a common scale). The reference is tests/test_distributed.py's ``simulate_local``
 
 from __future__ import annotations
 
-import socket
 import sys
 
 import pytest
@@ -20,7 +19,7 @@ pytest.importorskip("deepspeed", reason="needs the deepspeed extra")
 
 import _deepspeed_worker as worker
 from _distributed_worker import MICROBATCHES, make_model, microbatch, sequence_losses
-from test_distributed import simulate_local
+from test_distributed import simulate_local, spawn_ranks
 
 pytestmark = [
     pytest.mark.deepspeed,
@@ -61,33 +60,9 @@ REFUSALS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, scenarios: list[dict]) -> dict[int, dict]:
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=worker.main, args=(r, world, port, queue, scenarios))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        # the first deepspeed.initialize on a machine JIT-builds a small comm op (~1 min)
-        out = dict(queue.get(timeout=600) for _ in range(world))
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    for rank, res in out.items():
-        assert "error" not in res, f"rank {rank}:\n{res['error']}"
-    return out
+    # the first deepspeed.initialize on a machine JIT-builds a small comm op (~1 min)
+    return spawn_ranks(worker.main, world, scenarios, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -51,16 +51,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def results() -> dict[int, dict]:
+def spawn_ranks(main, world: int, *args, timeout: float = 240) -> dict[int, dict]:
+    """Run ``main(rank, world, port, queue, *args)`` in ``world`` spawned processes; return each
+    rank's result dict (failing the test with a rank's traceback if it reported an error)."""
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=worker.main, args=(r, WORLD, port, queue)) for r in range(WORLD)]
+    procs = [ctx.Process(target=main, args=(r, world, port, queue, *args)) for r in range(world)]
     for p in procs:
         p.start()
     try:
-        out = dict(queue.get(timeout=240) for _ in range(WORLD))
+        out = dict(queue.get(timeout=timeout) for _ in range(world))
     finally:
         for p in procs:
             p.join(timeout=60)
@@ -69,6 +70,11 @@ def results() -> dict[int, dict]:
     for rank, res in out.items():
         assert "error" not in res, f"rank {rank}:\n{res['error']}"
     return out
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[int, dict]:
+    return spawn_ranks(worker.main, WORLD)
 
 
 def _tensors(d: dict[str, list]) -> dict[str, torch.Tensor]:
