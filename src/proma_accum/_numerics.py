@@ -49,12 +49,16 @@ class UnitGram(NamedTuple):
     """The Gram matrix of the unit vectors ``u_i = g_i / ‖g_i‖``.
 
     ``gram: (k, k)`` is ``Ĝ``; ``inv_norms: (k,)`` is ``1 / ‖g_i‖``, and 0 for a zero ``g_i``
-    (whose row and column of ``Ĝ`` are then zero); ``nonzero: (k,)`` marks the nonzero ``g_i``.
+    (whose row and column of ``Ĝ`` are then zero).
     """
 
     gram: torch.Tensor
     inv_norms: torch.Tensor
-    nonzero: torch.Tensor
+
+    @property
+    def nonzero(self) -> torch.Tensor:
+        """``(k,)``: which ``g_i`` are nonzero."""
+        return self.inv_norms > 0
 
 
 def normalized_gram(gram: torch.Tensor) -> UnitGram:
@@ -64,7 +68,6 @@ def normalized_gram(gram: torch.Tensor) -> UnitGram:
     relative precision, so rank decisions and conditioning are judged on ``Ĝ`` (a sequence scaled
     by a tiny advantage is still a full direction of the span).
     """
-    norms = gram.diagonal().sqrt()  # sums of squares: never negative
-    nonzero = norms > 0
-    inv_norms = torch.where(nonzero, norms.reciprocal(), 0.0)
-    return UnitGram(gram * torch.outer(inv_norms, inv_norms), inv_norms, nonzero)
+    # G_ii are sums of squares (never negative): 1/sqrt(0) = inf and NaN become 0.
+    inv_norms = gram.diagonal().rsqrt().nan_to_num(0.0, 0.0, 0.0)
+    return UnitGram(gram * torch.outer(inv_norms, inv_norms), inv_norms)

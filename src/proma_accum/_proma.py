@@ -16,12 +16,13 @@ float64, so the sequence gradients themselves are only touched by the layer kern
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 
-from ._numerics import RANK_RTOL, UnitGram, norm, normalized_gram
+from ._numerics import RANK_RTOL, UnitGram, norm, normalized_gram, sq_norm
 
 Projection = Literal["exact", "gs2"]
 
@@ -52,51 +53,14 @@ def span_coefficients_exact(gram: torch.Tensor, inner: torch.Tensor) -> torch.Te
     The note's ``project_to_complement_v1`` (QR), done rank-revealingly on the unit vectors
     ``u_i = g_i / ‖g_i‖`` without an eigensolver (which synchronises with the host on CUDA):
     ``α`` solves ``Ĝ α = r̂`` (``r̂_i = ⟨u_i, running⟩``) by the regularised solve
-    ``(Ĝ + εI)⁻¹`` plus one step of iterative refinement, ``ε = RANK_RTOL · tr Ĝ / 100``, and
+    ``(Ĝ + εI)⁻¹`` plus one step of iterative refinement, ``ε = RANK_RTOL · k / 100``, and
     ``c_i = α_i / ‖g_i‖``. In ``Ĝ``'s eigenbasis this projects each direction of the span with
-    weight ``1 − (ε / (λ + ε))²``: fully (to ``1e-4``) above the rank cut ``λ > RANK_RTOL · tr
-    Ĝ``, not at all when ``λ ≪ ε`` (duplicate sequences, rounding noise) — an
-    eigendecomposition's rank cut, made smooth and sync-free. Duplicate, linearly dependent and
-    zero sequence gradients are fine.
+    weight ``1 − (ε / (λ + ε))²``: fully (to ``1e-4``) above the rank cut ``λ > RANK_RTOL · k``
+    (``k ≥ tr Ĝ ≥ λ_max``), not at all when ``λ ≪ ε`` (duplicate sequences, rounding noise) —
+    an eigendecomposition's rank cut, made smooth and sync-free. Duplicate, linearly dependent
+    and zero sequence gradients are fine.
     """
-    unit = normalized_gram(gram)
-    return _coefficients_exact(unit, _regularised_inverse(gram, unit), inner)[0]
-
-
-def _regularised_inverse(gram: torch.Tensor, unit: UnitGram) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, ε)``: the Cholesky factor of ``Ĝ + εI`` with ``ε = RANK_RTOL · max(tr Ĝ, 1) / 100``
-    (``tr Ĝ`` is the number of nonzero ``g_i``, within a factor ``k`` of ``λ_max``). ``Ĝ`` is
-    formed from exact products (its eigenvalues err by ~1e-16), so ``Ĝ + εI`` is positive
-    definite; ``cholesky_ex`` and triangular solves neither check nor synchronise."""
-    eps = (RANK_RTOL / 100) * unit.gram.diagonal().sum().clamp(min=1.0)
-    eye = torch.eye(unit.gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.cholesky_ex(unit.gram + eps * eye).L, eps
-
-
-def _solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``(L Lᵀ)⁻¹ rhs`` by two triangular solves (backward stable, unlike an explicit inverse)."""
-    y = torch.linalg.solve_triangular(factor, rhs[:, None], upper=False)
-    return torch.linalg.solve_triangular(factor.mT, y, upper=True)[:, 0]
-
-
-def _coefficients_exact(
-    unit: UnitGram, inverse: tuple[torch.Tensor, torch.Tensor], inner: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c, ‖Σ c_i g_i‖²)`` from the regularised factor (see :func:`span_coefficients_exact`)."""
-    factor, _ = inverse
-    unit_inner = inner * unit.inv_norms
-    alpha = _solve(factor, unit_inner)
-    alpha = alpha + _solve(factor, unit_inner - unit.gram @ alpha)  # one step of refinement
-    return alpha * unit.inv_norms, alpha @ (unit.gram @ alpha)
-
-
-def _rank(inverse: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The dimension of ``span(g)``: how many ``u_j`` lie farther than the rank cut from the
-    span of ``u_1 .. u_{j-1}``. Cholesky's pivots are those squared distances (plus ``ε``):
-    ``L_jj² − ε > RANK_RTOL · tr Ĝ = 100 ε``. (The count of such ``j`` is the rank, whatever the
-    order, up to directions at the cut itself.)"""
-    factor, eps = inverse
-    return (factor.diagonal().square() > 101 * eps).sum()
+    return _coefficients("exact", normalized_gram(gram), inner)[0]
 
 
 def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
@@ -108,17 +72,61 @@ def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tens
     lower part of ``Ĝ``. Zero sequence gradients are skipped (the note's code would divide by
     zero).
     """
-    return _coefficients_gs2(normalized_gram(gram), inner)
+    return _coefficients("gs2", normalized_gram(gram), inner)[0]
 
 
-def _coefficients_gs2(unit: UnitGram, inner: torch.Tensor) -> torch.Tensor:
-    unit_inner = inner * unit.inv_norms
-    sweep = unit.gram.tril(-1)
-    sweep.diagonal().fill_(1.0)  # I + L
-    alpha = torch.linalg.solve_triangular(sweep, unit_inner[:, None], upper=False)  # 1st pass
-    residual = unit_inner[:, None] - unit.gram @ alpha
-    alpha += torch.linalg.solve_triangular(sweep, residual, upper=False)  # 2nd pass
-    return alpha[:, 0] * unit.inv_norms
+def _eye(k: int, device: torch.device, scale: float) -> torch.Tensor:
+    """``scale · I`` of size ``k`` (float64), made once per size and device."""
+    key = (k, device, scale)
+    eye = _EYES.get(key)
+    if eye is None:
+        eye = _EYES[key] = scale * torch.eye(k, dtype=torch.float64, device=device)
+    return eye
+
+
+_EYES: dict[tuple[int, torch.device, float], torch.Tensor] = {}
+
+
+def _coefficients(
+    projection: Projection, unit: UnitGram, inner: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(c, ‖Σ c_i g_i‖², pivots)`` of :func:`span_coefficients_exact` or
+    :func:`span_coefficients_gs2`; ``pivots`` are the squared diagonal of the Cholesky factor of
+    ``Ĝ + εI``, whose count above ``101 ε`` is the rank (:func:`rank_of`).
+
+    The regularised factor comes from ``cholesky_ex`` (no error check, so no host
+    synchronisation; ``Ĝ`` is formed from exact products, its eigenvalues err by ~1e-16, so
+    ``Ĝ + εI`` is positive definite). Both solves are backward stable (no explicit inverse).
+    """
+    k = inner.shape[0]
+    eps = _eye(k, inner.device, _EPS_PER_SEQUENCE * k)
+    factor = torch.linalg.cholesky_ex(unit.gram + eps).L
+    rhs = (inner * unit.inv_norms)[:, None]  # r̂
+    if projection == "exact":
+        alpha = torch.cholesky_solve(rhs, factor)
+        # One step of refinement against the unregularised Ĝ (the weight 1 − (ε/(λ+ε))²).
+        alpha = alpha + torch.cholesky_solve(rhs - unit.gram @ alpha, factor)
+    else:
+        sweep = unit.gram.tril(-1) + _eye(k, inner.device, 1.0)  # I + L
+        alpha = torch.linalg.solve_triangular(sweep, rhs, upper=False)  # 1st pass
+        alpha = alpha + torch.linalg.solve_triangular(sweep, rhs - unit.gram @ alpha, upper=False)
+    alpha = alpha[:, 0]
+    proj_sq = alpha @ (unit.gram @ alpha)
+    return alpha * unit.inv_norms, proj_sq, factor.diagonal()
+
+
+# ε of the regularised solve per sequence: RANK_RTOL · k / 100 in all.
+_EPS_PER_SEQUENCE = RANK_RTOL / 100
+
+
+def rank_of(diagonals: torch.Tensor) -> torch.Tensor:
+    """The dimension of ``span(g)`` from the Cholesky factors' diagonals ``(..., k)``: how many
+    ``u_j`` lie farther than the rank cut from the span of ``u_1 .. u_{j-1}``. Cholesky's
+    pivots are those squared distances (plus ``ε``): ``L_jj² − ε > RANK_RTOL · k = 100 ε``.
+    (The count of such ``j`` is the rank, whatever the order, up to directions at the cut
+    itself.)"""
+    eps = _EPS_PER_SEQUENCE * diagonals.shape[-1]
+    return (diagonals.square() > 101 * eps).sum(-1)
 
 
 SPAN_COEFFICIENTS = {"exact": span_coefficients_exact, "gs2": span_coefficients_gs2}
@@ -126,34 +134,38 @@ SPAN_COEFFICIENTS = {"exact": span_coefficients_exact, "gs2": span_coefficients_
 
 @dataclass
 class UpdateInfo:
-    """Diagnostics of one tensor's update (0-d tensors; no host sync needed).
+    """Diagnostics of one tensor's update, as 0-d device tensors (no host sync needed).
 
-    ``clamped`` is True when the projection was longer than the clamp bound (and was scaled
-    down to it).
+    Kept raw (what the update computed anyway) and combined when read: the statistics of a
+    microbatch are formed for all its tensors at once (``_stats``).
     """
 
     num_sequences: int
-    rank: torch.Tensor
-    running_norm: torch.Tensor
-    removed_norm: torch.Tensor
-    clamped: torch.Tensor
-    mcb_norm: torch.Tensor
+    pivots: torch.Tensor  # (k,): diagonal of the regularised Cholesky factor (see rank_of)
+    running_sq: torch.Tensor  # ‖running‖²
+    proj_norm: torch.Tensor  # ‖P_span(running)‖ (the projection before the clamp)
+    scale: torch.Tensor | float  # the clamp's factor in [0, 1] (1.0: no clamp)
+    bound: torch.Tensor | float  # the clamp bound (inf: no clamp)
+    finite: torch.Tensor  # whether the inputs were finite (else: plain accumulation)
+    removed_factor: float  # world · strength: the removed norm is removed_factor · scale · proj
 
+    @property
+    def rank(self) -> torch.Tensor:
+        return torch.where(self.finite, rank_of(self.pivots), 0)
 
-def _span_coefficients(
-    projection: Projection, gram: torch.Tensor, inner: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(c, ‖Σ c_i g_i‖², rank)`` for ``SPAN_COEFFICIENTS[projection]``; one Cholesky factor of
-    the regularised ``Ĝ`` serves the exact coefficients and the rank. No eigensolver and no
-    host synchronisation."""
-    unit = normalized_gram(gram)
-    inverse = _regularised_inverse(gram, unit)
-    if projection == "exact":
-        coeffs, proj_sq = _coefficients_exact(unit, inverse, inner)
-    else:
-        coeffs = _coefficients_gs2(unit, inner)
-        proj_sq = coeffs @ (gram @ coeffs)
-    return coeffs, proj_sq, _rank(inverse)
+    @property
+    def running_norm(self) -> torch.Tensor:
+        return self.running_sq.sqrt()
+
+    @property
+    def removed_norm(self) -> torch.Tensor:
+        """``‖removed‖``: the clamped, strength-scaled projection taken off ``running``."""
+        return torch.where(self.finite, self.scale * self.proj_norm * self.removed_factor, 0.0)
+
+    @property
+    def clamped(self) -> torch.Tensor:
+        """True when the projection was longer than the clamp bound (and was scaled to it)."""
+        return (self.proj_norm > self.bound) & self.finite
 
 
 def accumulate_proma(
@@ -188,7 +200,8 @@ def accumulate_proma(
     microbatch or in ``running``), nothing is projected and the update is plain accumulation
     (``running + g``; with ``advantages``, ``running + Σ_i adv_i g_i``): the result is
     non-finite where plain accumulation's is (an Inf may come out as NaN). Decided on the
-    device, with no host synchronisation; the eigensolver only ever sees finite input.
+    device, with no host synchronisation (the factorisation may see the non-finite values:
+    ``cholesky_ex`` does not raise, and the weights it gives are selected away).
     """
     gram, inner = seq_grads.gram_and_inner(running)  # G_ij = ⟨g_i, g_j⟩, r_i = ⟨g_i, running⟩
     if advantages is None:
@@ -202,31 +215,35 @@ def accumulate_proma(
             return mcb_grad, None
         return seq_grads.combine(advantages), None
 
-    # Everything finite iff this sum is (x - x is 0 for finite x, NaN otherwise).
+    # Everything finite iff this sum is (x - x is 0 for finite x, NaN otherwise). Non-finite
+    # inputs make the coefficients NaN, so the weights are selected, not scaled, away.
     total = gram.sum() + inner.sum() + mcb_norm
     finite = (total - total) == 0
-    gram, inner = gram.nan_to_num(0.0, 0.0, 0.0), inner.nan_to_num(0.0, 0.0, 0.0)
-    coeffs, proj_sq, rank = _span_coefficients(projection, gram, inner)
+    coeffs, proj_sq, pivots = _coefficients(projection, normalized_gram(gram), inner)
     proj_norm = proj_sq.clamp(min=0).sqrt()
+    removed_factor = world * strength
+    bound: torch.Tensor | float = math.inf
+    scale: torch.Tensor | float = 1.0
     if clamp is None:
-        scale = finite.double()
-        clamped = torch.zeros_like(finite)
+        weights = coeffs * -removed_factor
     else:
         bound = mcb_norm * (clamp / world)
-        scale = torch.where(finite, (bound / proj_norm.clamp(min=1e-300)).clamp(max=1.0), 0.0)
-        clamped = (proj_norm > bound) & finite
+        scale = (bound / proj_norm.clamp(min=1e-300)).clamp(max=1.0)
+        weights = coeffs * (scale * -removed_factor)
     # The weights of the g_i in complemented_acc_grad + mcb_policy_grad - running.
-    weights = coeffs * (scale * (-world * strength))
+    weights = torch.where(finite, weights, 0.0)
     if mcb_weights is not None:
         weights += mcb_weights
     # Both combinations done in one pass.
     new = seq_grads.plus_combination(running, mcb_grad if advantages is None else None, weights)
     info = UpdateInfo(
         num_sequences=seq_grads.num_sequences,
-        rank=rank,
-        running_norm=norm(running),
-        removed_norm=scale * proj_norm * (world * strength),
-        clamped=clamped,
-        mcb_norm=mcb_norm,
+        pivots=pivots,
+        running_sq=sq_norm(running),
+        proj_norm=proj_norm,
+        scale=scale,
+        bound=bound,
+        finite=finite,
+        removed_factor=removed_factor,
     )
     return new, info

@@ -68,9 +68,13 @@ def _weighted_sum(w: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor
 
 
 def _add_weighted_sum(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exact: bool) -> None:
-    """``out += Σ_i w_i s_i`` in place, for a contiguous ``out`` shaped like ``s[0]``."""
+    """``out += Σ_i w_i s_i`` in place, for a contiguous ``out`` shaped like ``s[0]`` (``s`` may
+    be flat: ``(k, out.numel())``)."""
     flat = s.reshape(s.shape[0], -1)
     target = out.view(-1)
+    if flat.dtype == torch.float64:  # exact already
+        target += w @ flat
+        return
     if not exact:
         target.addmv_(flat.T, w.to(s.dtype))
         return
@@ -203,6 +207,9 @@ class TensorSequenceGradients:
             touched.append(None)
         self.plan = ChunkPlan.plan(param, touched, num_sequences, self.dtype, chunk_bytes)
         self._kept: torch.Tensor | None = None
+        # The float64 copy of the sequence rows the first pass made, when it is all of them in
+        # one block (the combination then reads it instead of converting again).
+        self._kept64: torch.Tensor | None = None
         # Check by subtracting the fused uses' returned sums (see ``_consistency``) when every
         # fused use has one and the other uses say which rows they touch.
         others = touched[: len(self._inputs)]
@@ -294,6 +301,7 @@ class TensorSequenceGradients:
             # Column blocks that stay in cache: the Gram matrix, the inner products and the
             # sum check read each block once (whole-tensor calls would read S three times).
             cols = max(1, _GRAM_BLOCK_BYTES // ((8 if precise else 4) * (k + 1)))
+            one = False
             for a in range(0, flat.shape[1], cols):
                 one = cols >= flat.shape[1]  # one block: no slicing ops
                 block = flat if one else flat[:, a : a + cols]
@@ -307,6 +315,8 @@ class TensorSequenceGradients:
                     inners.append(seqs @ r_block.to(seqs.dtype))
             if len(chunks) == 1:
                 self._kept = s
+                if precise and one:
+                    self._kept64 = seqs
             else:
                 self._release(s)
         device = self.param.device
@@ -349,6 +359,19 @@ class TensorSequenceGradients:
             # κ > _FP32_MAX_CANCELLATION, compared squared: (Σ|w_i| ‖g_i‖)² > κ_max² ‖Σ w_i g_i‖².
             spread = w.abs() @ gram.diagonal().sqrt()
             exact = bool(spread.square() > _FP32_MAX_CANCELLATION**2 * (w @ (gram @ w)))
+        kept64, self._kept64 = self._kept64, None
+        rows = self.plan.chunks[0] if len(self.plan.chunks) == 1 else None
+        if (
+            add
+            and exact
+            and kept64 is not None
+            and self._kept is not None
+            and isinstance(rows, slice)
+        ):
+            _add_weighted_sum(out[rows], w, kept64, exact)
+            self._release(self._kept)
+            self._kept = None
+            return out
         for rows in self.plan.chunks:
             s = self._kept if self._kept is not None else self._form(rows)
             self._kept = None
@@ -363,6 +386,7 @@ class TensorSequenceGradients:
 
     def release(self) -> None:
         """Free everything: a chunk kept for ``combine``, and the fused gradients."""
+        self._kept64 = None
         if self._kept is not None:
             self._release(self._kept)
             self._kept = None

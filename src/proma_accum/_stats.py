@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from ._proma import UpdateInfo
+from ._proma import UpdateInfo, rank_of
 
 _FIELDS = ("running_sq", "removed_sq", "clamped", "rank", "sequences", "updates")
 
@@ -72,14 +72,7 @@ class StatsRecorder:
             groups[group].append(info)
             groups["all"].append(info)
         for key, infos in groups.items():
-            sums = {
-                "running_sq": torch.stack([i.running_norm for i in infos]).square().sum(),
-                "removed_sq": torch.stack([i.removed_norm for i in infos]).square().sum(),
-                "clamped": torch.stack([i.clamped for i in infos]).double().sum(),
-                "rank": torch.stack([i.rank for i in infos]).double().sum(),
-                "sequences": sum(i.num_sequences for i in infos),
-                "updates": len(infos),
-            }
+            sums = _sums(infos)
             for table in (self._last, self._step):
                 row = table.setdefault(key, defaultdict(float))
                 for name, value in sums.items():
@@ -94,6 +87,47 @@ class StatsRecorder:
             "microbatch": _summarise(self._last),
             "step": {"microbatches": self._step_microbatches, **_summarise(self._step)},
         }
+
+
+def _sums(infos: list[UpdateInfo]) -> dict[str, torch.Tensor | float]:
+    """The group's sums, formed for all its updates at once (a few ops per group)."""
+    device = infos[0].running_sq.device
+    finite = torch.stack([i.finite for i in infos])
+    proj = torch.stack([i.proj_norm for i in infos])
+    removed = torch.where(
+        finite,
+        proj
+        * _stack([i.scale for i in infos], device)
+        * _stack([i.removed_factor for i in infos], device),
+        0.0,
+    )
+    clamped = (proj > _stack([i.bound for i in infos], device)) & finite
+    by_k: dict[int, list[int]] = defaultdict(list)  # one k per microbatch: one group
+    for j, info in enumerate(infos):
+        by_k[info.pivots.shape[0]].append(j)
+    ranks = [
+        torch.where(
+            finite if len(idx) == len(infos) else finite[idx],
+            rank_of(torch.stack([infos[j].pivots for j in idx])),
+            0,
+        ).sum()
+        for idx in by_k.values()
+    ]
+    return {
+        "running_sq": torch.stack([i.running_sq for i in infos]).sum(),
+        "removed_sq": removed.square().sum(),
+        "clamped": clamped.double().sum(),
+        "rank": sum(ranks[1:], ranks[0]).double(),
+        "sequences": sum(i.num_sequences for i in infos),
+        "updates": len(infos),
+    }
+
+
+def _stack(values: list[torch.Tensor | float], device: torch.device) -> torch.Tensor:
+    """``(n,)`` float64 from 0-d tensors or floats (one op when they are all of one kind)."""
+    if all(isinstance(v, float | int) for v in values):
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
 
 
 def _summarise(table: dict[str, dict[str, torch.Tensor | float]]) -> dict[str, dict[str, float]]:
