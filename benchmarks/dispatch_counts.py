@@ -13,7 +13,8 @@ launch on a GPU; these count as host synchronisations (the CPU waits for the dev
 The workload: a tiny Qwen3 built from a config (hidden 32, vocab 61), ``k = 8`` sequences of
 32 tokens per microbatch, the backward of the second microbatch of a step (the first is plain
 accumulation: nothing to project yet), under the precision policy GPUs run (on the CPU the
-library may read values on the host, where that costs nothing: see ``_seq_grads``).
+library may read values on the host, where that costs nothing: see ``_seq_grads``), with a
+GPU's column blocks (a CPU's are cache-sized).
 ``python -m benchmarks.dispatch_counts`` prints the table.
 """
 
@@ -99,11 +100,14 @@ def count(layers: int = 1, projection: str = "exact", k: int = 8, tokens: int = 
     """Counts for the backward of the second microbatch (and of the context exit), under the
     device precision policy."""
     policy = _seq_grads.HOST_DECISIONS_ON_CPU
+    blocks = dict(_seq_grads._GRAM_BLOCK_BYTES)
     _seq_grads.HOST_DECISIONS_ON_CPU = False
+    _seq_grads._GRAM_BLOCK_BYTES.pop("cpu", None)  # the column blocks of a GPU
     try:
         return _count(layers, projection, k, tokens)
     finally:
         _seq_grads.HOST_DECISIONS_ON_CPU = policy
+        _seq_grads._GRAM_BLOCK_BYTES.update(blocks)
 
 
 def _count(layers: int, projection: str, k: int, tokens: int) -> Counts:

@@ -121,7 +121,8 @@ def tensor_floors(wl: Workload, repeats: int) -> list[TensorFloor]:
     return floors
 
 
-# The column block of the library's Gram / inner-product pass (``_seq_grads._GRAM_BLOCK_BYTES``).
+# The column block of the library's Gram / inner-product pass on the CPU
+# (``_seq_grads._GRAM_BLOCK_BYTES``).
 GRAM_BLOCK_BYTES = 8 * MiB
 
 

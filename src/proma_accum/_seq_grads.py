@@ -38,7 +38,18 @@ from ._kernels._base import Rows
 from ._numerics import normalized_gram
 from ._workspace import Workspace
 
-_GRAM_BLOCK_BYTES = 8 * 2**20
+# Column blocks of the passes over S (Gram, inner products, check, float64 combination). On
+# the CPU a block stays in cache while the pass reads it for all three; elsewhere a block only
+# bounds the transient float64 copy, and each block costs a dozen kernel launches.
+_GRAM_BLOCK_BYTES = {"cpu": 8 * 2**20}
+_DEVICE_BLOCK_BYTES = 256 * 2**20
+
+
+def block_columns(device: torch.device, rows: int, itemsize: int) -> int:
+    """Columns of a block of ``rows`` rows of ``itemsize`` bytes on ``device``."""
+    budget = _GRAM_BLOCK_BYTES.get(device.type, _DEVICE_BLOCK_BYTES)
+    return max(1, budget // (itemsize * max(rows, 1)))
+
 _FP32_MAX_CANCELLATION = 64.0
 _FP32_GRAM_MAX_CONDITION = 100.0
 # The CPU-only precision policy of the module docstring (False: the device policy everywhere).
@@ -61,7 +72,7 @@ def _weighted_sum(w: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor
     if not exact:
         return (w.to(s.dtype) @ flat).view(s.shape[1:])
     out = torch.empty(flat.shape[1], dtype=s.dtype, device=s.device)
-    cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(s.shape[0], 1)))
+    cols = block_columns(s.device, s.shape[0], 8)
     for a in range(0, flat.shape[1], cols):
         out[a : a + cols] = w @ flat[:, a : a + cols].double()
     return out.view(s.shape[1:])
@@ -78,7 +89,7 @@ def _add_weighted_sum(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exact
     if not exact:
         target.addmv_(flat.T, w.to(s.dtype))
         return
-    cols = max(1, _GRAM_BLOCK_BYTES // (8 * max(s.shape[0], 1)))
+    cols = block_columns(s.device, s.shape[0], 8)
     if cols >= flat.shape[1]:  # one block: no slicing
         target += w @ flat.double()
         return
@@ -300,7 +311,7 @@ class TensorSequenceGradients:
                 running_rows = (running if whole else running[rows]).reshape(-1)
             # Column blocks that stay in cache: the Gram matrix, the inner products and the
             # sum check read each block once (whole-tensor calls would read S three times).
-            cols = max(1, _GRAM_BLOCK_BYTES // ((8 if precise else 4) * (k + 1)))
+            cols = block_columns(s.device, k + 1, 8 if precise else 4)
             one = False
             for a in range(0, flat.shape[1], cols):
                 one = cols >= flat.shape[1]  # one block: no slicing ops
