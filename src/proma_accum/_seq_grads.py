@@ -50,6 +50,7 @@ def block_columns(device: torch.device, rows: int, itemsize: int) -> int:
     budget = _GRAM_BLOCK_BYTES.get(device.type, _DEVICE_BLOCK_BYTES)
     return max(1, budget // (itemsize * max(rows, 1)))
 
+
 _FP32_MAX_CANCELLATION = 64.0
 _FP32_GRAM_MAX_CONDITION = 100.0
 # The CPU-only precision policy of the module docstring (False: the device policy everywhere).
