@@ -58,7 +58,7 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.memory import LiveTensorBytes, peak_rss_bytes
-from benchmarks.variants import VARIANTS, make_variant
+from benchmarks.variants import SUITE_VARIANTS, VARIANTS, make_variant
 from benchmarks.workloads import (
     Workload,
     quick_workloads,
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     catalogue = quick_workloads() if args.quick else standard_workloads()
     if args.list:
         for wl in catalogue.values():
-            vs = ", ".join(wl.variants or VARIANTS)
+            vs = ", ".join(wl.variants or SUITE_VARIANTS)
             print(f"{wl.name:8s} {wl.description}; {wl.rounds} round(s); variants: {vs}")
         return 0
     names = args.workloads or list(catalogue)
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_wait = args.quiet_wait if args.quiet_wait is not None else (0 if args.quick else 5)
 
     def variants_for(wl: Workload) -> list[str]:
-        chosen = args.variants or wl.variants or VARIANTS
+        chosen = args.variants or wl.variants or SUITE_VARIANTS
         return list(dict.fromkeys(["plain", *chosen]))
 
     def log(msg: str) -> None:

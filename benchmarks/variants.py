@@ -79,17 +79,24 @@ class Plain(Variant):
 
 
 class Proma(Variant):
-    """``proma_accum.ProjectedAccumulator`` with the given projection, clamp 0.5."""
+    """``proma_accum.ProjectedAccumulator`` with the given projection, clamp 0.5.
 
-    def __init__(self, projection: str):
+    ``keep=False`` (variant ``proma-exact-nokeep``): the CPU workspace keeps no buffer from one
+    microbatch to the next (the memory-for-time trade of ``_workspace``, measured).
+    """
+
+    def __init__(self, projection: str, keep: bool = True):
         self.projection = projection
-        self.name = f"proma-{projection}"
+        self.keep = keep
+        self.name = f"proma-{projection}" + ("" if keep else "-nokeep")
 
     def setup(self, model, workload):
         from proma_accum import ProjectedAccumulator
 
         super().setup(model, workload)
         self.acc = ProjectedAccumulator(model, projection=self.projection, clamp=CLAMP)
+        if not self.keep:
+            self.acc._workspace._keep = lambda t: None  # type: ignore[method-assign]
         self.acc.attach()
 
     def step(self, batches, n_tokens):
@@ -252,6 +259,8 @@ def make_variant(name: str) -> Variant:
     """The variant called ``name`` (one of :data:`VARIANTS`)."""
     if name == "plain":
         return Plain()
+    if name == "proma-exact-nokeep":
+        return Proma("exact", keep=False)
     if name.startswith("proma-"):
         return Proma(name.removeprefix("proma-"))
     if name == "opacus-materialised":
@@ -261,4 +270,13 @@ def make_variant(name: str) -> Variant:
     raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
 
 
-VARIANTS = ("plain", "proma-exact", "proma-gs2", "opacus-materialised", "loop-style")
+VARIANTS = (
+    "plain",
+    "proma-exact",
+    "proma-gs2",
+    "proma-exact-nokeep",
+    "opacus-materialised",
+    "loop-style",
+)
+# What the full suite runs when no variants are given (the no-keep variant is on request).
+SUITE_VARIANTS = tuple(v for v in VARIANTS if v != "proma-exact-nokeep")

@@ -17,7 +17,9 @@ Where things live (public modules first):
   :mod:`proma_accum.testing`: the brute-force reference the fast path is tested against;
   :mod:`proma_accum.integrations`: TRL and Hugging Face Trainer.
 * ``_proma``: the algorithm, as the note's figures 1 and 3 (coefficients from the Gram matrix,
-  the clamp); ``_numerics``: norms, the normalised Gram, the rank cut.
+  the clamp); ``_numerics``: norms, the normalised Gram, the rank cut; ``_update``: one
+  projected tensor's update in a microbatch (its layer calls, whether to check, then
+  ``_proma``).
 * ``_coverage``: which tensors are projected, through which layers, and why others are not.
 * ``_capture``: what a layer records in the forward (one ``Capture`` per call) and the fused
   path's decision; ``_fused``: the autograd Function of the fused path.

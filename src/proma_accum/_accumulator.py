@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._autograd import graph_task_id, hook_name, tensor_hooks
 from ._capture import capture_forward
-from ._consistency import Consistency, tolerance, verify_all
+from ._consistency import verify_all
 from ._coverage import discover
 from ._distributed import ShardedSlot, data_parallel
 from ._fused import create_graph_error
@@ -28,10 +27,10 @@ from ._kernels._base import Rows
 from ._layout import SequenceLayout, dense_advantages
 from ._microbatch import MicrobatchFailedError, MicrobatchState, fingerprint
 from ._optimizer import OptimizerPassThrough
-from ._proma import Projection, accumulate_proma
-from ._seq_grads import TensorSequenceGradients
+from ._proma import Projection
 from ._settings import DEFAULT_CHUNK_BYTES, validate
 from ._stats import StatsRecorder, flatten
+from ._update import update_tensor
 from ._workspace import Workspace
 
 # Called with (parameter name, rows, per-sequence gradients of those rows): see
@@ -449,71 +448,25 @@ class ProjectedAccumulator(OptimizerPassThrough):
         state: MicrobatchState,
         world: int,
     ) -> torch.Tensor:
-        cov = self._coverage
-        layers = cov.uses[p]
-        captures = [(cap, role) for m, role in layers for cap in state.captures.get(m, ())]
-        # The user's hooks on the parameter ran before ours, on autograd's gradient.
-        hooks = [hook_name(h) for h in tensor_hooks(target)]
-        # Autograd's gradient *is* the sum our fused backward returned when that was the
-        # tensor's only use and no hook replaced it: nothing to check then.
-        verified = not hooks and any(cap.returned.get(role) is grad for cap, role in captures)
-        # Calls whose output got a gradient in this backward (fused: whose backward formed the
-        # sequence grads), not in an autograd.grad call before it.
-        task = graph_task_id()
-        uses = [(cap, role) for cap, role in captures if cap.has_gradient(role, task)]
-        if not uses:
-            raise RuntimeError(
-                f"parameter '{name}' received a gradient in this microbatch but none of its "
-                f"layers ({', '.join(cov.layers[m].name for m, _ in layers)}) ran a forward "
-                "with grad inside the microbatch context: the weight was used outside its "
-                "module (e.g. a fused LM head). Call the module itself, or exclude the "
-                "parameter with exclude=[...]."
-            )
-        check = None
-        if not (verified and len(uses) == 1):
-            dtypes = [d for cap, _ in captures for d in cap.input_dtypes()]
-            lowp = any(cap.layer.kernel.low_precision_accumulation for cap, _ in uses)
-            tokens = sum(cap.seg.token_seq.numel() for cap, _ in uses)
-            limit = tolerance(target.dtype, dtypes, lowp, tokens, target.numel())
-            observed = [f"gradient hook(s) on the parameter: {', '.join(hooks)}"] if hooks else []
-            observed += sorted(
-                {
-                    f"layer '{cap.layer.name}' has {cap.checked_because}"
-                    for cap, _ in uses
-                    if cap.checked_because is not None
-                }
-            )
-            check = Consistency(
-                name, [type(cap.module).__name__ for cap, _ in uses], limit, observed=observed
-            )
-            state.checks.append(check)
         observer = self._observer
-        seq_grads = TensorSequenceGradients(
-            name,
+        new, info = update_tensor(
+            self._coverage,
+            p,
             target,
-            uses,
-            state.layout.num_sequences,
+            running,
             grad,
+            state,
+            projection=self.projection,
+            clamp=self.clamp,
+            strength=self.strength,
+            world=world,
             chunk_bytes=self.chunk_bytes,
             workspace=self._workspace,
-            check=check,
             observer=None if observer is None else functools.partial(observer, name),
         )
-        try:
-            new, info = accumulate_proma(
-                running,
-                grad,
-                seq_grads,
-                projection=self.projection,
-                clamp=self.clamp,
-                strength=self.strength,
-                advantages=state.advantages,
-                world=world,
-            )
-        finally:
-            seq_grads.release()
         if info is not None:
-            self._stats.record(cov.layers[layers[0][0]].kernel.kind, info)
+            cov = self._coverage
+            self._stats.record(cov.layers[cov.uses[p][0][0]].kernel.kind, info)
         return new
 
     def _done_with(self, p: nn.Parameter, state: MicrobatchState) -> None:

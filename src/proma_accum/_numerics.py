@@ -9,10 +9,11 @@ from typing import NamedTuple
 
 import torch
 
-# The rank threshold on the normalised Gram matrix Ĝ: directions of the span with eigenvalues
-# below RANK_RTOL * tr Ĝ (singular values of the unit sequence gradients below ~1e-5 of the
-# largest, about 100 float32 ulps, which float32 gradients cannot resolve) are not projected
-# (see ``_proma.span_coefficients_exact``). ``proma_accum.testing`` cuts at the same level.
+# The rank threshold on the normalised Gram matrix Ĝ of k sequences: directions of the span
+# with eigenvalues below RANK_RTOL * k (k ≥ tr Ĝ ≥ λ_max; singular values of the unit sequence
+# gradients below ~1e-5 of the largest, about 100 float32 ulps, which float32 gradients cannot
+# resolve) are not projected (see ``_proma.span_coefficients_exact``). ``proma_accum.testing``
+# cuts at the same level, relative to the largest singular value.
 RANK_RTOL = 1e-10
 
 # Norms are reduced in float64 over float32 norms of rows of this many elements: as accurate
