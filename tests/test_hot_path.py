@@ -21,6 +21,8 @@ from proma_accum.testing import assert_grads_close, reference_accumulate
 MAX_BACKWARD_SYNCS = 1
 MAX_EXIT_SYNCS = 1
 MAX_EXTRA_OPS_PER_TENSOR = {"exact": 79, "gs2": 81}
+# Of those, the operators that launch a kernel on a GPU (views and metadata left out).
+MAX_EXTRA_KERNELS_PER_TENSOR = {"exact": 54, "gs2": 56}
 
 
 @pytest.mark.parametrize("projection", ["exact", "gs2"])
@@ -31,6 +33,7 @@ def test_host_syncs_per_microbatch_do_not_grow_with_the_model(projection):
         assert c.proma_syncs <= MAX_BACKWARD_SYNCS, c
         assert c.exit_syncs <= MAX_EXIT_SYNCS, c
         assert c.extra_ops_per_tensor <= MAX_EXTRA_OPS_PER_TENSOR[projection], c
+        assert c.extra_kernels_per_tensor <= MAX_EXTRA_KERNELS_PER_TENSOR[projection], c
         assert c.proma_eigh == 0, c
 
 
@@ -45,6 +48,18 @@ def test_the_counter_sees_host_syncs():
     with CountOps() as c:
         torch.where(x > 0, x, 0.0).sum()
     assert c.syncs == 0
+
+
+def test_the_counter_tells_kernels_from_views():
+    """Negative control for the kernel count: views and allocations launch nothing."""
+    x = torch.randn(4, 6)
+    with CountOps() as c:
+        x.view(6, 4).T[1:].diagonal()
+        torch.empty(3)
+    assert (c.total, c.kernels) == (5, 0)
+    with CountOps() as c:
+        (x * 2).sum()
+    assert (c.total, c.kernels) == (2, 2)
 
 
 def _run(acc, model, mb):
