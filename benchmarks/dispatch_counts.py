@@ -21,6 +21,7 @@ GPU's column blocks (a CPU's are cache-sized).
 from __future__ import annotations
 
 import argparse
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -150,6 +151,49 @@ def _count(layers: int, projection: str, k: int, tokens: int) -> Counts:
                   proma.eigh, exit_ops.syncs, plain.kernels, proma.kernels)  # fmt: skip
 
 
+def algebra_launches(k: int = 8, compile: bool = True) -> list[str]:
+    """The kernels one update's ``k × k`` algebra (``_proma.update_weights``) runs, eager or
+    compiled (``ProjectedAccumulator(compile=True)``), from ``torch.profiler``: each top-level
+    ATen operator but views and host-side ones, and each kernel Inductor generated (a dispatch
+    mode cannot count these: ``torch.compile`` does not run under one)."""
+    import torch._inductor.config as inductor_config
+
+    from proma_accum._proma import compiled_update_weights, update_weights
+
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(k, 64, dtype=torch.float64, generator=gen)
+    args = (s @ s.T, s @ torch.randn(64, dtype=torch.float64, generator=gen), s.sum(0).norm())
+    settings = {"projection": "exact", "relative_bound": 0.5, "removed_factor": 1.0}
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        if compile:
+            solve = compiled_update_weights(*settings.values())
+        else:
+            solve = functools.partial(update_weights, **settings)
+        solve(*args)  # compiles
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            solve(*args)
+    launches: list[str] = []
+
+    def visit(event) -> None:
+        if event.name.startswith("aten::"):
+            op = getattr(torch.ops.aten, event.name.removeprefix("aten::"), None)
+            overloads = [getattr(op, o) for o in op.overloads()] if op is not None else []
+            view = bool(overloads) and all(o.is_view for o in overloads)
+            if not view and event.name.removeprefix("aten::") not in _NO_KERNEL_OPS | {"item"}:
+                launches.append(event.name)
+            return  # the operators it calls are its own
+        if "cpp_fused" in event.name:
+            launches.append(event.name)
+            return
+        for child in event.cpu_children:
+            visit(child)
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            visit(event)
+    return launches
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 4])
@@ -158,14 +202,21 @@ def main(argv: list[str] | None = None) -> None:
           "per projected tensor | of which launch a kernel | host syncs in the backward | "
           "at the context exit | eigensolver calls (a sync each on CUDA) |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    exact = None
     for layers in args.layers:
         for projection in ("exact", "gs2"):
             c = count(layers, projection)
+            exact = c if projection == "exact" else exact
             print(f"| {layers} layer{'s' if layers > 1 else ''} | {projection} | "
                   f"{c.projected_tensors} | {c.plain_ops} | {c.proma_ops} | "
                   f"{c.extra_ops_per_tensor:.0f} | {c.extra_kernels_per_tensor:.0f} | "
                   f"{c.proma_syncs} | {c.exit_syncs} | "
                   f"{c.proma_eigh} |")  # fmt: skip
+    eager, compiled = algebra_launches(compile=False), algebra_launches(compile=True)
+    print(f"\nThe k × k algebra of one update (k = 8), counted with torch.profiler: {len(eager)} "
+          f"kernels eager, {len(compiled)} with compile=True ({', '.join(compiled)}); so about "
+          f"{exact.extra_kernels_per_tensor - len(eager) + len(compiled):.0f} extra kernels per "
+          f"projected tensor with compile=True ({exact.layers} layer(s), exact).")  # fmt: skip
 
 
 if __name__ == "__main__":

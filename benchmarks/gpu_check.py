@@ -8,10 +8,12 @@
    device, in float32 and in bf16; prints each kind's worst relative error per tensor.
 2. **Speed and memory**: a Qwen3-0.6B-shaped model built from a config (hidden 1024, 28
    layers, vocab 151936 tied, bf16), 4 microbatches × 8 sequences × 1024 tokens per optimizer
-   step; plain accumulation vs PROMA (``exact``, ``gs2``) in alternating rounds; prints the
-   median step time and peak memory of each, and their ratios to plain from the same rounds.
+   step; plain accumulation vs PROMA (``exact``, ``gs2``, and ``exact`` with ``compile=True``)
+   in alternating rounds; prints the median step time and peak memory of each, their ratios to
+   plain from the same rounds, and the warm-up step's time (compilation included).
 3. **Counts**: ATen operators (kernel launches) and host synchronisations of one microbatch's
-   backward, and at the context exit (``benchmarks.dispatch_counts``).
+   backward, and at the context exit (``benchmarks.dispatch_counts``); on CUDA also the
+   synchronising calls CUDA's sync debug mode reports (syncs inside operators included).
 
 ``--device cpu --small`` runs the same script on a small model in seconds (the test suite does,
 so it never rots); its figures say nothing about a GPU.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -118,8 +121,8 @@ def time_steps(
         for mb in batches:
             reinforce_loss(model, mb, n_tokens).backward()
 
-    def proma(projection: str) -> Callable[[], None]:
-        acc = ProjectedAccumulator(model, projection=projection)
+    def proma(projection: str, compile: bool = False) -> Callable[[], None]:
+        acc = ProjectedAccumulator(model, projection=projection, compile=compile)
 
         def step() -> None:
             with acc:
@@ -129,8 +132,14 @@ def time_steps(
 
         return step
 
-    variants = {"plain": plain, "proma-exact": proma("exact"), "proma-gs2": proma("gs2")}
+    variants = {
+        "plain": plain,
+        "proma-exact": proma("exact"),
+        "proma-gs2": proma("gs2"),
+        "proma-exact-compiled": proma("exact", compile=True),
+    }
     times: dict[str, list[float]] = {name: [] for name in variants}
+    first: dict[str, float] = {}  # the warm-up step (compilation included)
     peaks: dict[str, float] = dict.fromkeys(variants, 0.0)
     for r in range(rounds + 1):  # round 0 warms up
         for name, step in variants.items():
@@ -144,6 +153,8 @@ def time_steps(
             if r > 0:
                 times[name].append(time.perf_counter() - start)
                 peaks[name] = max(peaks[name], _peak(device))
+            else:
+                first[name] = time.perf_counter() - start
     out = {}
     for name in variants:
         ratios = [t / p for t, p in zip(times[name], times["plain"], strict=True)]
@@ -151,6 +162,7 @@ def time_steps(
             "step_s": statistics.median(times[name]),
             "ratio": statistics.median(ratios),
             "peak_mib": peaks[name],
+            "first_step_s": first[name],
         }
     return out
 
@@ -180,8 +192,15 @@ def _count_microbatch(
         mb = acc.microbatch(batches[1].seq_ids)
         mb.__enter__()
         loss = reinforce_loss(model, batches[1], n_tokens)
-        with CountOps() as backward:
-            loss.backward()
+        with warnings.catch_warnings(record=True) as caught, CountOps() as backward:
+            warnings.simplefilter("always")
+            if device.type == "cuda":  # also the syncs inside operators (e.g. a solver's check)
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loss.backward()
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
         with CountOps() as exit_ops:
             mb.__exit__(None, None, None)
         projected = len(acc.projected_parameters())
@@ -191,6 +210,10 @@ def _count_microbatch(
         "syncs": backward.syncs,
         "eigh": backward.eigh,
         "exit_syncs": exit_ops.syncs,
+        # CUDA's own count of synchronising calls in the backward (None off CUDA).
+        "cuda_syncs": (
+            sum("synchroniz" in str(w.message) for w in caught) if device.type == "cuda" else None
+        ),
     }
 
 
@@ -221,13 +244,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"{TOLERANCE[torch.bfloat16]:g} (bf16): {ok}\n")  # fmt: skip
     timing = time_steps(spec, workload, device, torch.bfloat16, args.rounds)
     print(f"| variant (bf16, {workload.microbatches} × {seqs} × {seq_len} tokens) | step (s) | "
-          "ratio to plain | peak memory (MiB) |\n|---|---:|---:|---:|")  # fmt: skip
+          "ratio to plain | peak memory (MiB) | first step (s), compilation included |\n"
+          "|---|---:|---:|---:|---:|")  # fmt: skip
     for name, row in timing.items():
-        print(f"| {name} | {row['step_s']:.3f} | {row['ratio']:.2f} | {row['peak_mib']:.0f} |")
+        print(f"| {name} | {row['step_s']:.3f} | {row['ratio']:.2f} | {row['peak_mib']:.0f} | "
+              f"{row['first_step_s']:.2f} |")  # fmt: skip
     counts = count_microbatch(spec, workload, device, torch.bfloat16)
     print(f"\nbackward of one microbatch: {counts['ops']} ATen ops, {counts['syncs']} host syncs "
           f"({counts['eigh']} eigensolver calls, a sync each on CUDA), {counts['exit_syncs']} "
-          f"at the context exit; {counts['projected_tensors']} projected tensors")  # fmt: skip
+          f"at the context exit; {counts['projected_tensors']} projected tensors; "
+          f"CUDA's sync debug mode saw {counts['cuda_syncs']} synchronising calls")  # fmt: skip
     print(f"\n{time.time() - started:.0f} s")
     return {"kinds": kinds, "timing": timing, "counts": counts, "ok": ok}
 

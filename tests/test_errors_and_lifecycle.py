@@ -49,6 +49,8 @@ def test_bad_model_and_optimizer():
         ProjectedAccumulator("model")
     with pytest.raises(TypeError, match="optimizer must be a torch optimizer"):
         ProjectedAccumulator(nn.Linear(2, 2), optimizer=object())
+    with pytest.raises(TypeError, match="compile must be True or False, got 'yes'"):
+        ProjectedAccumulator(nn.Linear(2, 2), compile="yes")
 
 
 @pytest.mark.parametrize(

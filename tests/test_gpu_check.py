@@ -13,9 +13,10 @@ def test_gpu_check_runs_on_cpu_small(capsys):
     result = gpu_check.main(["--device", "cpu", "--small", "--rounds", "1"])
     out = capsys.readouterr().out
     assert result["ok"], result["kinds"]
-    assert set(result["timing"]) == {"plain", "proma-exact", "proma-gs2"}
+    assert set(result["timing"]) == {"plain", "proma-exact", "proma-gs2", "proma-exact-compiled"}
     assert result["timing"]["plain"]["ratio"] == 1.0
     assert result["counts"]["syncs"] <= 2 and result["counts"]["exit_syncs"] == 1
+    assert result["counts"]["cuda_syncs"] is None  # CUDA's sync debug mode: on CUDA only
     assert "| tied |" in out and "ratio to plain" in out
 
 

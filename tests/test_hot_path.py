@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ToyLM, row_microbatches, toy_sequence_losses
 
-from benchmarks.dispatch_counts import CountOps, count
+from benchmarks.dispatch_counts import CountOps, algebra_launches, count
 from proma_accum import IncompleteSequenceDataError, MicrobatchFailedError, ProjectedAccumulator
 from proma_accum.testing import assert_grads_close, reference_accumulate
 
@@ -35,6 +35,16 @@ def test_host_syncs_per_microbatch_do_not_grow_with_the_model(projection):
         assert c.extra_ops_per_tensor <= MAX_EXTRA_OPS_PER_TENSOR[projection], c
         assert c.extra_kernels_per_tensor <= MAX_EXTRA_KERNELS_PER_TENSOR[projection], c
         assert c.proma_eigh == 0, c
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_compile_fuses_the_k_by_k_algebra():
+    """``compile=True``: the update's ``k × k`` algebra in 4 fused kernels around the 4 linear
+    algebra calls (eager, the same counter sees about 30)."""
+    compiled, eager = algebra_launches(compile=True), algebra_launches(compile=False)
+    assert len(compiled) <= 8, compiled
+    assert sum("cpp_fused" in name for name in compiled) >= 1, compiled
+    assert len(eager) >= 25, eager  # negative control: the counter sees every eager kernel
 
 
 def test_the_counter_sees_host_syncs():

@@ -68,6 +68,12 @@ class ProjectedAccumulator(OptimizerPassThrough):
         exclude: ``fnmatch`` patterns of parameter names to accumulate plainly.
         chunk_bytes: byte budget of one chunk of a tensor's per-sequence gradients
             (``(k + 1) × rows × row size``); larger tensors are processed chunk by chunk.
+        compile: run each update's ``k × k`` algebra (the coefficients, the clamp: ~35 small
+            operators per tensor and microbatch) as one ``torch.compile``'d graph — a few
+            kernel launches on a GPU instead of ~35. Compiled once per process (dynamic shapes:
+            any ``k``), which takes seconds; on a CPU it does not pay (the operators are cheap
+            there). Results agree with the eager path to rounding. Under a
+            ``TorchDispatchMode`` (which ``torch.compile`` does not support) the eager path runs.
 
     Memory: on CPU, the buffer of the largest per-sequence gradients (at least 32 MiB, e.g. a
     tied LM head's ``(k + 1) ×`` weight) is kept from one microbatch to the next of a step,
@@ -100,10 +106,14 @@ class ProjectedAccumulator(OptimizerPassThrough):
         optimizer: torch.optim.Optimizer | None = None,
         exclude: Iterable[str] = (),
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        compile: bool = False,
     ) -> None:
-        settings = validate(model, projection, clamp, strength, optimizer, exclude, chunk_bytes)
+        settings = validate(
+            model, projection, clamp, strength, optimizer, exclude, chunk_bytes, compile
+        )
         self.model = model
-        self.projection, self.clamp, self.strength, self.exclude, self.chunk_bytes = settings
+        self.projection, self.clamp, self.strength, self.exclude, self.chunk_bytes = settings[:5]
+        self.compile = settings.compile
         self.optimizer = optimizer
         self._hooks = HookSet()
         self._state: MicrobatchState | None = None
@@ -463,6 +473,7 @@ class ProjectedAccumulator(OptimizerPassThrough):
             chunk_bytes=self.chunk_bytes,
             workspace=self._workspace,
             observer=None if observer is None else functools.partial(observer, name),
+            compile=self.compile,
         )
         if info is not None:
             cov = self._coverage
@@ -530,6 +541,7 @@ class ProjectedAccumulator(OptimizerPassThrough):
     def __repr__(self) -> str:
         return (
             f"ProjectedAccumulator(projection={self.projection!r}, clamp={self.clamp}, "
-            f"strength={self.strength}, projected={len(self._coverage.projected)}, "
+            f"strength={self.strength}, compile={self.compile}, "
+            f"projected={len(self._coverage.projected)}, "
             f"unprojected={len(self._coverage.unprojected)}, attached={self.attached})"
         )

@@ -16,11 +16,14 @@ float64, so the sequence gradients themselves are only touched by the layer kern
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._numerics import RANK_RTOL, UnitGram, norm, normalized_gram, sq_norm
 
@@ -76,7 +79,10 @@ def span_coefficients_gs2(gram: torch.Tensor, inner: torch.Tensor) -> torch.Tens
 
 
 def _eye(k: int, device: torch.device, scale: float) -> torch.Tensor:
-    """``scale · I`` of size ``k`` (float64), made once per size and device."""
+    """``scale · I`` of size ``k`` (float64), made once per size and device (inside a compiled
+    graph: made there, fused into its kernels)."""
+    if torch.compiler.is_compiling():
+        return scale * torch.eye(k, dtype=torch.float64, device=device)
     key = (k, device, scale)
     eye = _EYES.get(key)
     if eye is None:
@@ -168,6 +174,98 @@ class UpdateInfo:
         return (self.proj_norm > self.bound) & self.finite
 
 
+class Weights(NamedTuple):
+    """What :func:`update_weights` solved (device tensors; floats when there is no clamp)."""
+
+    weights: torch.Tensor  # (k,): w with Σ_i w_i g_i = −world · strength · clamp(P(running))
+    proj_norm: torch.Tensor  # ‖P_span(running)‖, before the clamp
+    scale: torch.Tensor | float  # the clamp's factor min(1, bound / ‖P‖) (1.0: no clamp)
+    bound: torch.Tensor | float  # the clamp bound (inf: no clamp)
+    finite: torch.Tensor  # whether the inputs were finite (if not, w = 0)
+    pivots: torch.Tensor  # (k,): for rank_of
+
+
+def update_weights(
+    gram: torch.Tensor,
+    inner: torch.Tensor,
+    mcb_norm: torch.Tensor,
+    *,
+    projection: Projection,
+    relative_bound: float | None,
+    removed_factor: float,
+) -> Weights:
+    """Figure 1's ``k × k`` part: the weights ``w`` of the ``g_i`` in the removed part
+    ``Σ_i w_i g_i = −removed_factor · clamp(P_span(running))``.
+
+    Args:
+        gram: ``G: (k, k)``, ``inner``: ``r: (k,)``, ``mcb_norm``: ``‖g‖`` (0-d), all float64.
+        relative_bound: the clamp bound over ``‖g‖`` (None: no clamp).
+        removed_factor: ``world · strength``.
+
+    Non-finite inputs make the coefficients NaN, so the weights are selected, not scaled, away
+    (``w = 0``: plain accumulation).
+    """
+    # Everything finite iff this sum is (x - x is 0 for finite x, NaN otherwise).
+    total = gram.sum() + inner.sum() + mcb_norm
+    finite = (total - total) == 0
+    coeffs, proj_sq, pivots = _coefficients(projection, normalized_gram(gram), inner)
+    proj_norm = proj_sq.clamp(min=0).sqrt()
+    if relative_bound is None:
+        weights = coeffs * -removed_factor
+        scale: torch.Tensor | float = 1.0
+        bound: torch.Tensor | float = math.inf
+    else:
+        bound = mcb_norm * relative_bound
+        scale = (bound / proj_norm.clamp(min=1e-300)).clamp(max=1.0)
+        weights = coeffs * (scale * -removed_factor)
+    weights = torch.where(finite, weights, 0.0)
+    return Weights(weights, proj_norm, scale, bound, finite, pivots)
+
+
+_COMPILED: dict[tuple, Callable[..., Weights]] = {}
+
+
+def compiled_update_weights(
+    projection: Projection, relative_bound: float | None, removed_factor: float
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Weights]:
+    """``(gram, inner, mcb_norm) ->`` :func:`update_weights` for these settings, compiled with
+    ``torch.compile`` (``fullgraph=True``; dynamic shapes: one graph serves every ``k``; the
+    settings are constants of the graph): its ~35 operators become four fused kernels around
+    the four factorisation, solve and GEMM calls. Made once per process and settings; under a
+    ``TorchDispatchMode`` (where ``torch.compile`` does not run), the eager function."""
+    settings = {
+        "projection": projection,
+        "relative_bound": relative_bound,
+        "removed_factor": removed_factor,
+    }
+    solve = functools.partial(update_weights, **settings)
+    if _get_current_dispatch_mode() is not None:
+        return solve
+    key = tuple(settings.values())
+    if key not in _COMPILED:
+
+        def graph(gram: torch.Tensor, inner: torch.Tensor, mcb_norm: torch.Tensor) -> Weights:
+            return update_weights(
+                gram,
+                inner,
+                mcb_norm,
+                projection=projection,
+                relative_bound=relative_bound,
+                removed_factor=removed_factor,
+            )
+
+        compiled = torch.compile(graph, fullgraph=True, dynamic=True)
+
+        def call(gram: torch.Tensor, inner: torch.Tensor, mcb_norm: torch.Tensor) -> Weights:
+            # Floats traced as constants (torch otherwise lifts each into a host tensor that
+            # the graph reads on every call).
+            with torch._dynamo.config.patch(specialize_float=True):
+                return compiled(gram, inner, mcb_norm)
+
+        _COMPILED[key] = call
+    return _COMPILED[key]
+
+
 def accumulate_proma(
     running: torch.Tensor | None,
     mcb_grad: torch.Tensor,
@@ -178,6 +276,7 @@ def accumulate_proma(
     strength: float,
     advantages: torch.Tensor | None = None,
     world: int = 1,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, UpdateInfo | None]:
     """The new running gradient ``running - strength · clamp(P_span(running)) + g`` of one tensor.
 
@@ -191,6 +290,7 @@ def accumulate_proma(
         world: ``W > 1`` when the result is averaged over ``W`` data-parallel ranks that share
             ``running``: the clamp bound becomes ``clamp · ‖g‖ / W`` and ``W`` times the clamped
             projection is removed, so the average removes ``Σ_r clamp(P_r(running))``.
+        compile: solve the ``k × k`` part with :func:`compiled_update_weights`.
 
     Returns:
         The new running gradient (compute dtype) and diagnostics (None when nothing was
@@ -215,35 +315,33 @@ def accumulate_proma(
             return mcb_grad, None
         return seq_grads.combine(advantages), None
 
-    # Everything finite iff this sum is (x - x is 0 for finite x, NaN otherwise). Non-finite
-    # inputs make the coefficients NaN, so the weights are selected, not scaled, away.
-    total = gram.sum() + inner.sum() + mcb_norm
-    finite = (total - total) == 0
-    coeffs, proj_sq, pivots = _coefficients(projection, normalized_gram(gram), inner)
-    proj_norm = proj_sq.clamp(min=0).sqrt()
     removed_factor = world * strength
-    bound: torch.Tensor | float = math.inf
-    scale: torch.Tensor | float = 1.0
-    if clamp is None:
-        weights = coeffs * -removed_factor
+    relative_bound = None if clamp is None else clamp / world
+    settings = (projection, relative_bound, removed_factor)
+    if compile:
+        solved = compiled_update_weights(*settings)(gram, inner, mcb_norm)
     else:
-        bound = mcb_norm * (clamp / world)
-        scale = (bound / proj_norm.clamp(min=1e-300)).clamp(max=1.0)
-        weights = coeffs * (scale * -removed_factor)
-    # The weights of the g_i in complemented_acc_grad + mcb_policy_grad - running.
-    weights = torch.where(finite, weights, 0.0)
+        solved = update_weights(
+            gram,
+            inner,
+            mcb_norm,
+            projection=projection,
+            relative_bound=relative_bound,
+            removed_factor=removed_factor,
+        )
+    weights = solved.weights
     if mcb_weights is not None:
-        weights += mcb_weights
+        weights = weights + mcb_weights
     # Both combinations done in one pass.
     new = seq_grads.plus_combination(running, mcb_grad if advantages is None else None, weights)
     info = UpdateInfo(
         num_sequences=seq_grads.num_sequences,
-        pivots=pivots,
+        pivots=solved.pivots,
         running_sq=sq_norm(running),
-        proj_norm=proj_norm,
-        scale=scale,
-        bound=bound,
-        finite=finite,
+        proj_norm=solved.proj_norm,
+        scale=solved.scale,
+        bound=solved.bound,
+        finite=solved.finite,
         removed_factor=removed_factor,
     )
     return new, info

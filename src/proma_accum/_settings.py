@@ -21,6 +21,7 @@ class Settings(NamedTuple):
     strength: float
     exclude: tuple[str, ...]
     chunk_bytes: int
+    compile: bool
 
 
 def validate(
@@ -31,6 +32,7 @@ def validate(
     optimizer: object,
     exclude: object,
     chunk_bytes: object,
+    compile: object = False,
 ) -> Settings:
     """The settings, checked and normalised; raises ``TypeError``/``ValueError`` naming the
     argument otherwise."""
@@ -55,6 +57,8 @@ def validate(
         raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     if optimizer is not None and not hasattr(optimizer, "param_groups"):
         raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
     if isinstance(exclude, str):
@@ -71,4 +75,5 @@ def validate(
         float(strength),
         patterns,
         chunk_bytes,
+        compile,
     )

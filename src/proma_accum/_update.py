@@ -35,6 +35,7 @@ def update_tensor(
     chunk_bytes: int,
     workspace: Workspace,
     observer: Observer | None,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, UpdateInfo | None]:
     """The new running gradient of projected parameter ``p`` (``target``: the tensor whose
     gradient it is; under FSDP2 the unsharded copy), and the update's diagnostics.
@@ -101,6 +102,7 @@ def update_tensor(
             strength=strength,
             advantages=state.advantages,
             world=world,
+            compile=compile,
         )
     finally:
         seq_grads.release()
