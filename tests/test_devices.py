@@ -62,7 +62,7 @@ def test_toy_model_matches_reference_on_device(device, dtype, layout, projection
 
 # Families of every kind of layer the kernels cover (tied head, Conv1D, scaled embedding and
 # (1 + w) norms, fused MoE experts); the rest of the matrix runs on CPU in test_families.py.
-DEVICE_FAMILIES = ["qwen3", "llama", "gpt2", "gemma2", "qwen3-moe"]
+DEVICE_FAMILIES = ["qwen3", "llama", "gpt2", "gemma2", "qwen3-moe", "qwen2-moe"]
 
 
 @pytest.mark.parametrize("device", DEVICES)

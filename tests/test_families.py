@@ -63,6 +63,7 @@ FAMILIES = {
     "qwen3-moe": lambda: tiny("Qwen3Moe", num_experts=4, **MOE),
     "mixtral": lambda: tiny("Mixtral", num_local_experts=4, **MOE),
     "olmoe": lambda: tiny("Olmoe", num_experts=4, **MOE),
+    "qwen2-moe": lambda: tiny("Qwen2Moe", num_experts=4, shared_expert_intermediate_size=16, **MOE),
     "olmo2": lambda: tiny("Olmo2"),
     "cohere": lambda: tiny("Cohere"),
     "granite": lambda: tiny("Granite"),
@@ -135,10 +136,19 @@ def test_uncovered_families_say_why(build, reasons):
         assert unprojected[name] == reason
 
 
-def test_qwen2_moe_shared_expert_sees_flattened_tokens():
-    """Qwen2-MoE's shared expert (nn.Linear) is called on ``(B·T, H)``: its input cannot be split
-    by ``seq_ids``, so the microbatch fails (and restores ``p.grad``) instead of mixing rows."""
-    model = tiny("Qwen2Moe", num_experts=4, shared_expert_intermediate_size=16, **MOE)
+def test_qwen2_moe_shared_expert_is_owned_by_its_block(monkeypatch):
+    """Qwen2-MoE's shared expert (``nn.Linear``) is called on ``(B·T, H)``, which ``seq_ids``
+    cannot split: its block's kernel owns it, so its own layers are not hooked. Negative
+    control: without the ownership rule, those layers get the tokens flattened and the
+    microbatch fails (and restores ``p.grad``) instead of mixing rows."""
+    from proma_accum import _coverage
+
+    model = FAMILIES["qwen2-moe"]()
     mbs, _, _ = _microbatches()
+    acc = ProjectedAccumulator(model)
+    hooked = {layer.name for layer in acc._coverage.layers.values()}
+    assert "model.layers.0.mlp" in hooked
+    assert not any("shared_expert" in name for name in hooked)
+    monkeypatch.setattr(_coverage, "delegated", lambda module, roles: set())
     with pytest.raises(ShapeMismatchError, match="shared_expert"):
         run_accumulator(model, mbs, hf_sequence_losses)

@@ -90,3 +90,49 @@ def test_router_jitter_is_refused_with_its_reason():
         for i in range(2)
         for r in ("experts.gate_up_proj", "experts.down_proj", "gate.weight")
     }
+
+
+def test_qwen2_moe_shared_expert_with_a_bias_is_refused_with_its_reason():
+    model = tiny("Qwen2Moe", num_experts=4, shared_expert_intermediate_size=16, **MOE)
+    block = model.model.layers[0].mlp
+    block.shared_expert.down_proj = torch.nn.Linear(16, block.shared_expert.down_proj.out_features)
+    unprojected = ProjectedAccumulator(model).unprojected_parameters()
+    reason = unprojected["model.layers.0.mlp.shared_expert.down_proj.weight"]
+    assert reason.startswith("Qwen2MoeSparseMoeBlock: the shared expert is not three bias-free")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in unprojected  # the whole block is plain
+    assert not any(n.startswith("model.layers.1.") for n in unprojected)  # the other is covered
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_wrong_shared_expert_gradient_is_caught(dtype, monkeypatch):
+    """Negative control for the shared expert and for the check's bf16 allowance (autograd's
+    per-token intermediates rounded to bf16, ``contribution_norm_sum``): a shared-expert
+    gradient 10% off fails the microbatch in float32 and in bf16."""
+    from proma_accum import IncompleteSequenceDataError
+
+    model = tiny("Qwen2Moe", num_experts=4, shared_expert_intermediate_size=16, **MOE).to(dtype)
+    mbs, _, _ = _packed()
+    factors = moe._shared_factors
+
+    def off(use, x, b, dtype):
+        left, right = factors(use, x, b, dtype)
+        return (1.1 * left if use.role == moe.SHARED_DOWN else left), right
+
+    monkeypatch.setattr(moe, "_shared_factors", off)
+    with pytest.raises(IncompleteSequenceDataError, match="shared_expert.down_proj"):
+        run_accumulator(model, mbs, lambda m, mb: hf_sequence_losses(m, mb).float())
+
+
+@pytest.mark.parametrize("mode", ["loss", "advantages"])
+def test_qwen2_moe_packed_rows_match_reference(mode):
+    """Packed rows with padding through Qwen2-MoE: experts, router and the gated shared
+    expert, all from the block's hook."""
+    model = tiny("Qwen2Moe", num_experts=4, shared_expert_intermediate_size=16, **MOE)
+    mbs, by_id, aligned = _packed()
+    advantages = aligned if mode == "advantages" else None
+    expected = reference_accumulate(model, mbs, hf_sequence_losses, advantages=advantages)
+    acc = run_accumulator(
+        model, mbs, hf_sequence_losses, advantages=by_id if mode == "advantages" else None
+    )
+    assert acc.unprojected_parameters() == {}
+    assert_grads_close(model, expected, rtol=1e-4, atol=1e-7)

@@ -63,9 +63,10 @@ class Tolerance:
       by about as much again; ``2u`` is twice that for margin (measured on CPU: up to
       ``0.45 u`` for bf16 Linear, Conv1D and RMSNorm weights, whatever the number of tokens);
     * ``accumulation = u_param`` when the kernel's layer kind has torch accumulate its
-      gradient over the tokens in the parameter's half dtype (``low_precision_accumulation``:
-      LayerNorm, Embedding on CPU), else 0: such a sum errs by a fraction of ``u · Σ_t ‖c_t‖``
-      (measured: up to ``0.26 u Σ_t ‖c_t‖`` for bf16 LayerNorm, whose relative error then
+      gradient over the tokens in the parameter's half dtype, or round per-token intermediates
+      to it (``low_precision_accumulation``: LayerNorm, Embedding on CPU, MoE blocks), else
+      0: such a sum errs by a fraction of ``u · Σ_t ‖c_t‖`` (measured: up to
+      ``0.26 u Σ_t ‖c_t‖`` for bf16 LayerNorm, whose relative error then
       grows with the number of tokens, to 10% at 16k tokens).
 
     * ``absolute = 2⁻²⁴ · sqrt(N · numel)`` when float16 is in play (parameters or an autocast

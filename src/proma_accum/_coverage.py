@@ -123,11 +123,18 @@ def _layers(
     layers: dict[nn.Module, Layer] = {}
     uses: dict[nn.Parameter, list[tuple[nn.Module, str]]] = {}
     blocked: dict[nn.Parameter, str] = {}
+    # Submodules whose parameters a covering ancestor's kernel owns (a role on a submodule,
+    # e.g. Qwen2-MoE's shared expert): their own kernel is not used. Parents come first.
+    owned: set[tuple[nn.Module, str]] = set()
     for mod_name, module in model.named_modules(remove_duplicate=False):
         kernel = kernel_for(module)
         if kernel is None or module in layers:
             continue
-        roles = {r: p for r, p in kernel.roles(module).items() if p.requires_grad}
+        roles = {
+            r: p
+            for r, p in kernel.roles(module).items()
+            if p.requires_grad and (module, r) not in owned
+        }
         if not roles:
             continue
         reason = kernel.unsupported(module)
@@ -138,9 +145,21 @@ def _layers(
         layers[module] = Layer(mod_name or type(module).__name__, kernel, roles)
         for role, p in roles.items():
             uses.setdefault(p, []).append((module, role))
+        owned |= delegated(module, roles)
     for p, reason in uncovered_owners(model, layers, uses).items():
         blocked.setdefault(p, reason)
     return layers, uses, blocked
+
+
+def delegated(module: nn.Module, roles: dict[str, nn.Parameter]) -> set[tuple[nn.Module, str]]:
+    """``(submodule, attribute)`` of the roles a layer's kernel covers on its submodules (e.g.
+    ``"shared_expert.down_proj.weight"``): those submodules' own kernels do not cover them."""
+    found = set()
+    for role in roles:
+        owner, _, attr = role.rpartition(".")
+        if owner:
+            found.add((module.get_submodule(owner), attr))
+    return found
 
 
 def uncovered_owners(

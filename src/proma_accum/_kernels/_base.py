@@ -58,8 +58,9 @@ class Kernel:
     rows_only: bool = False
     # Whether torch's own backward for this layer kind accumulates the parameter gradient over
     # tokens in the parameter's dtype (measured on CPU: LayerNorm and Embedding do; Linear,
-    # Conv1D and RMSNorm accumulate in float32). Autograd's half-precision gradient then errs
-    # by up to ~u · Σ_t ‖c_t‖ (``contribution_norm_sum``), which the check must allow.
+    # Conv1D and RMSNorm accumulate in float32), or rounds per-token intermediates to it where
+    # the kernel recomputes them in float32 (MoE blocks). Autograd's half-precision gradient
+    # then differs by up to ~u · Σ_t ‖c_t‖ (``contribution_norm_sum``), which the check allows.
     low_precision_accumulation: bool = False
 
     def input_grad(

@@ -24,8 +24,18 @@ token blocks ``(k + 1) × L × (H + 2I)`` (``L``: the most tokens one sequence r
 router's per-token gradients are formed ``_TOKEN_CHUNK_BYTES`` at a time; its per-sequence
 gradients are ``(k + 1) × E × H``.
 
+Qwen2-MoE's block adds a dense *shared expert* gated per token:
+``y_t = Σ_j w_{t,j} E_{e_{t,j}}(x_t) + σ(z_t) M(x_t)`` with ``z_t = s · x_t``
+(``shared_expert_gate``, ``(1, H)``) and ``M = D (act(G x) ⊙ U x)`` (``shared_expert``: three
+``nn.Linear``). The block calls them on the tokens flattened to ``(B·T, H)``, which
+``seq_ids`` cannot split at the ``nn.Linear`` level, so this kernel owns them too (their own
+``nn.Linear`` hooks are not placed): with ``b'_t = σ(z_t) b_t``,
+``g_s(D) = Σ_{t ∈ s} b'_t a_tᵀ``, ``g_s(G)`` and ``g_s(U)`` as for an expert of weight
+``σ(z_t)``, and ``g_s(s) = Σ_{t ∈ s} σ'(z_t) (b_t · M(x_t)) x_tᵀ``.
+
 A block is refused, with the reason, when its experts are not the plain gated, concatenated,
-bias-free layout above, its router is not one ``(E, H)`` weight, or (Mixtral) router jitter is on.
+bias-free layout above, its router is not one ``(E, H)`` weight, (Mixtral) router jitter is on,
+or (Qwen2-MoE) its shared expert is not three bias-free ``nn.Linear`` and a ``(1, H)`` gate.
 A load-balancing loss on the router logits (``output_router_logits=True``) adds router gradient
 outside the block's output: the consistency check then raises ``IncompleteSequenceDataError``;
 exclude the router (``exclude=["*.mlp.gate.weight"]``) in that case.
@@ -34,15 +44,24 @@ exclude the router (``exclude=["*.mlp.gate.weight"]``) in that case.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from . import register
 from ._base import Kernel, LayerUse, Rows, tokens
+from .linear import outer_by_sequence
 from .token_wise import _TOKEN_CHUNK_BYTES, _Forward
 
 GATE_UP, DOWN, ROUTER = "experts.gate_up_proj", "experts.down_proj", "gate.weight"
+SHARED_GATE, SHARED_UP, SHARED_DOWN, SHARED_SCALE = (
+    "shared_expert.gate_proj.weight",
+    "shared_expert.up_proj.weight",
+    "shared_expert.down_proj.weight",
+    "shared_expert_gate.weight",
+)
+SHARED = (SHARED_GATE, SHARED_UP, SHARED_DOWN, SHARED_SCALE)
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -72,6 +91,11 @@ def outer_by_group(
 )
 class SparseMoeKernel(Kernel):
     kind = "moe"
+    # Autograd rounds the per-token intermediates of the block's backward (the routing
+    # weights' gradients, the experts' activation gradients) to a half parameter dtype, where
+    # this kernel recomputes them in float32: the gradients then differ by up to ~u per token,
+    # u · Σ_t ‖c_t‖ in all, which the consistency check allows (``contribution_norm_sum``).
+    low_precision_accumulation = True
 
     def roles(self, module: nn.Module) -> dict[str, nn.Parameter]:
         found = {}
@@ -125,10 +149,42 @@ class SparseMoeKernel(Kernel):
         return None
 
     def touched_rows(self, use: LayerUse) -> torch.Tensor | None:
-        if use.role == ROUTER:
+        if use.role == ROUTER or use.role in SHARED:
             return None
         _, idx = _route(use.module, use.x)
         return torch.unique(idx)
+
+    def contribution_norm_sum(self, use: LayerUse) -> torch.Tensor:
+        """``Σ_t ‖c_t‖``: each token's contribution to the role's gradient (for the experts,
+        the sum over its routed experts; a rank-one term's norm is the product of its
+        factors' norms)."""
+        module, dtype = use.module, torch.float32
+        x = use.x.reshape(-1, use.x.shape[-1]).to(dtype)
+        b = tokens(use.grad_out, 1, dtype)
+        if use.role in SHARED:
+            return _shared_contribution_norms(use, x, b).sum(dtype=torch.float64)
+        w, idx = _route(module, use.x)
+        if use.role == ROUTER:
+            total = torch.zeros((), dtype=torch.float64, device=x.device)
+            xr = use.x.reshape(-1, use.x.shape[-1])  # as the router multiplied it
+            for grads in _router_token_grads(module, xr, b, idx, dtype):
+                total = total + torch.linalg.vector_norm(grads, dim=1, dtype=torch.float64).sum()
+            return total
+        experts = module.experts
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        for e in torch.unique(idx).tolist():
+            t, j = (idx == e).nonzero(as_tuple=True)
+            h, bt, wt = x[t], b[t], w[t, j].to(dtype)[:, None]
+            g, v = (h @ experts.gate_up_proj[e].to(dtype).T).chunk(2, dim=-1)
+            act_g, act_vjp = torch.func.vjp(experts.act_fn, g)
+            if use.role == DOWN:
+                left, right = wt * bt, act_g * v
+            else:
+                da = wt * (bt @ experts.down_proj[e].to(dtype))
+                left, right = torch.cat([act_vjp(da * v)[0], da * act_g], dim=-1), h
+            norms = left.norm(dim=1, dtype=torch.float64) * right.norm(dim=1, dtype=torch.float64)
+            total = total + norms.sum()
+        return total
 
     def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
         module = use.module
@@ -140,6 +196,8 @@ class SparseMoeKernel(Kernel):
         b = tokens(use.grad_out, 1, dtype)
         if use.role == ROUTER:
             return _router_seq_grads(module, x, b, w, idx, seq, k, dtype)[:, rows]
+        if use.role in SHARED:
+            return _shared_seq_grads(use, x, b, dtype)[:, rows]
         param = experts.gate_up_proj if use.role == GATE_UP else experts.down_proj
         if isinstance(rows, slice):
             rows = torch.arange(param.shape[0], device=x.device)[rows]
@@ -159,6 +217,83 @@ class SparseMoeKernel(Kernel):
         return out
 
 
+@register("transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock")
+class SharedExpertMoeKernel(SparseMoeKernel):
+    """Qwen2-MoE: the sparse block's experts and router, and its gated shared expert."""
+
+    def roles(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        found = super().roles(module)
+        for role in SHARED:
+            try:
+                p = module.get_parameter(role)
+            except AttributeError:
+                continue
+            found[role] = p
+        return found
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        reason = super().unsupported(module)
+        if reason is not None:
+            return reason
+        cls = type(module).__name__
+        shared, scale = (
+            getattr(module, "shared_expert", None),
+            getattr(module, "shared_expert_gate", None),
+        )
+        linears = [getattr(shared, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if (
+            not all(type(m) is nn.Linear and m.bias is None for m in (*linears, scale))
+            or not callable(getattr(shared, "act_fn", None))
+            or scale.out_features != 1
+            or any(True for c in shared.children() if c not in linears for _ in c.parameters())
+        ):
+            return (
+                f"{cls}: the shared expert is not three bias-free nn.Linear (gate, up, down) "
+                "with a bias-free (1, hidden) nn.Linear gate"
+            )
+        return None
+
+
+def _shared_factors(
+    use: LayerUse, x: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left, right)``, both per token: the role's gradient is ``Σ_t left_t right_tᵀ`` (module
+    docstring), recomputed in ``dtype`` from the block's input ``x: (N, H)`` and output
+    gradient ``b: (N, H)``."""
+    module = use.module
+    shared = module.shared_expert
+    xf, b = x.to(dtype), b.to(dtype)
+    gate = torch.sigmoid(xf @ module.shared_expert_gate.weight.to(dtype).T)  # σ(z): (N, 1)
+    g = xf @ shared.gate_proj.weight.to(dtype).T
+    u = xf @ shared.up_proj.weight.to(dtype).T
+    act_g, act_vjp = torch.func.vjp(shared.act_fn, g)
+    a = act_g * u
+    down = shared.down_proj.weight.to(dtype)
+    if use.role == SHARED_SCALE:
+        return gate * (1 - gate) * (b * (a @ down.T)).sum(-1, keepdim=True), xf  # σ'(z) b · M
+    b_shared = gate * b
+    if use.role == SHARED_DOWN:
+        return b_shared, a
+    da = b_shared @ down
+    if use.role == SHARED_GATE:
+        return act_vjp(da * u)[0], xf
+    return da * act_g, xf
+
+
+def _shared_seq_grads(
+    use: LayerUse, x: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(k + 1, *param.shape)``: per-sequence gradients of one of the shared expert's
+    tensors."""
+    return outer_by_sequence(*_shared_factors(use, x, b, dtype), use)
+
+
+def _shared_contribution_norms(use: LayerUse, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(N,)``: the norm of each token's contribution to a shared-expert tensor's gradient."""
+    left, right = _shared_factors(use, x, b, torch.float32)
+    return left.norm(dim=1, dtype=torch.float64) * right.norm(dim=1, dtype=torch.float64)
+
+
 def _autocast(x: torch.Tensor, weight: torch.Tensor) -> contextlib.AbstractContextManager:
     """The autocast the forward ran under, when the capture cast the input to a half type."""
     if x.dtype in _HALF and weight.dtype != x.dtype:
@@ -175,17 +310,16 @@ def _route(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return out[1], out[2]
 
 
-def _router_seq_grads(
+def _router_token_grads(
     module: nn.Module,
     x: torch.Tensor,
     b: torch.Tensor,
-    w: torch.Tensor,
     idx: torch.Tensor,
-    seq: torch.Tensor,
-    k: int,
     dtype: torch.dtype,
-) -> torch.Tensor:
-    """``(k + 1, E, H)``: the router weight's per-sequence gradients (module docstring)."""
+    step: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """The router weight's per-token gradients, ``(n, E · H)`` for ``n`` consecutive tokens at a
+    time (``_TOKEN_CHUNK_BYTES`` each; module docstring)."""
     experts, router = module.experts, module.gate
     c = torch.zeros(idx.shape, dtype=dtype, device=x.device)  # c_{t,j} = b_t · E_{e_tj}(x_t)
     xf = x.to(dtype)
@@ -203,9 +337,27 @@ def _router_seq_grads(
         return (scores[0].to(dtype) * c_t).sum()
 
     per_token = torch.func.vmap(torch.func.grad(inner), in_dims=(None, 0, 0))
-    total = torch.zeros(k + 1, weight.numel(), dtype=dtype, device=x.device)
     step = max(1, _TOKEN_CHUNK_BYTES // (weight.numel() * max(weight.element_size(), 4)))
     for a in range(0, x.shape[0], step):
         grads = per_token(weight, x[a : a + step], c[a : a + step])
-        total.index_add_(0, seq[a : a + step], grads.reshape(grads.shape[0], -1).to(dtype))
+        yield grads.reshape(grads.shape[0], -1).to(dtype)
+
+
+def _router_seq_grads(
+    module: nn.Module,
+    x: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    idx: torch.Tensor,
+    seq: torch.Tensor,
+    k: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(k + 1, E, H)``: the router weight's per-sequence gradients (module docstring)."""
+    weight = module.gate.weight
+    total = torch.zeros(k + 1, weight.numel(), dtype=dtype, device=x.device)
+    a = 0
+    for grads in _router_token_grads(module, x, b, idx, dtype):
+        total.index_add_(0, seq[a : a + grads.shape[0]], grads)
+        a += grads.shape[0]
     return total.view(k + 1, *weight.shape)
