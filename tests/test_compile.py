@@ -12,18 +12,18 @@ from conftest import ToyLM, row_microbatches, toy_sequence_losses
 from torch._dynamo.utils import counters
 
 from benchmarks.dispatch_counts import CountOps
-from proma_accum import ProjectedAccumulator
+from proma_accum import ProjectedAccumulator, _seq_grads
 from proma_accum.testing import assert_grads_close, reference_accumulate
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
-def _steps(model, microbatches, compile, steps=2):
-    """Gradients after each of ``steps`` optimizer steps (no update: the same gradients), and
+def _steps(model, steps, compile):
+    """Gradients after the last of ``steps`` (lists of microbatches; no parameter update), and
     the compiled graphs counted after each step."""
     graphs = []
     with ProjectedAccumulator(model, compile=compile) as acc:
-        for _ in range(steps):
+        for microbatches in steps:
             model.zero_grad(set_to_none=True)
             for mb in microbatches:
                 with acc.microbatch(mb["seq_ids"]):
@@ -32,21 +32,25 @@ def _steps(model, microbatches, compile, steps=2):
     return {n: p.grad.clone() for n, p in model.named_parameters()}, graphs
 
 
-def test_compiled_update_matches_eager_with_one_graph_for_every_k(gen):
+def test_compiled_update_matches_eager_with_no_recompilation(gen, monkeypatch):
+    """Against the eager path under the device precision policy (float64 products, which the
+    compiled passes use on every device), to rounding; and against the reference."""
+    monkeypatch.setattr(_seq_grads, "HOST_DECISIONS_ON_CPU", False)
     torch.manual_seed(0)
     model = ToyLM()
-    # k = 4, 4, 6, 6: a second number of sequences must not compile again.
-    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=23)
-    mbs += row_microbatches(gen, 2, rows=6, length=5, vocab=23)
+    four = row_microbatches(gen, 2, rows=4, length=5, vocab=23)  # k = 4
+    six = row_microbatches(gen, 2, rows=6, length=5, vocab=23)  # k = 6
+    steps = [four, six + four, four + six]
     torch._dynamo.reset()
     counters.clear()
-    eager, graphs = _steps(model, mbs, compile=False)
-    assert graphs == [0, 0]  # negative control: the eager path compiles nothing
-    compiled, graphs = _steps(model, mbs, compile=True)
-    assert graphs == [1, 1]  # one graph, compiled in the first step, for k = 4 and k = 6
-    for name in eager:
-        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-10, atol=0.0)
-    assert_grads_close(model, reference_accumulate(model, mbs, toy_sequence_losses))
+    eager, graphs = _steps(model, steps, compile=False)
+    assert graphs == [0, 0, 0]  # negative control: the eager path compiles nothing
+    compiled, graphs = _steps(model, steps, compile=True)
+    # Compiled in the first step (k = 4); another k and further steps compile nothing.
+    assert graphs[0] >= 1 and graphs == [graphs[0]] * 3, graphs
+    for name in eager:  # float32 rounding apart (bitwise equal on this machine)
+        torch.testing.assert_close(compiled[name], eager[name])
+    assert_grads_close(model, reference_accumulate(model, steps[-1], toy_sequence_losses))
 
 
 def test_compile_runs_eagerly_under_a_dispatch_mode(gen):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ToyLM, row_microbatches, toy_sequence_losses
 
-from benchmarks.dispatch_counts import CountOps, algebra_launches, count
+from benchmarks.dispatch_counts import CountOps, algebra_launches, count, profiled_kernels
 from proma_accum import IncompleteSequenceDataError, MicrobatchFailedError, ProjectedAccumulator
 from proma_accum.testing import assert_grads_close, reference_accumulate
 
@@ -45,6 +45,22 @@ def test_compile_fuses_the_k_by_k_algebra():
     assert len(compiled) <= 8, compiled
     assert sum("cpp_fused" in name for name in compiled) >= 1, compiled
     assert len(eager) >= 25, eager  # negative control: the counter sees every eager kernel
+
+
+# compile=True, counted with torch.profiler over the whole backward (4 layers, exact).
+MAX_EXTRA_KERNELS_PER_TENSOR_COMPILED = 25
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_compile_brings_the_kernels_per_tensor_within_25():
+    """With ``compile=True`` the passes and the algebra of a one-chunk, verified tensor are one
+    compiled function. The profiler's count of the eager path agrees with the dispatch mode's
+    (a check of the profiler-based counter, which alone sees inside compiled code)."""
+    eager = profiled_kernels(layers=4, compile=False)
+    assert abs(eager - count(layers=4).extra_kernels_per_tensor) < 1.0, eager
+    compiled = profiled_kernels(layers=4, compile=True)
+    assert compiled <= MAX_EXTRA_KERNELS_PER_TENSOR_COMPILED, compiled
+    assert compiled < eager - 20  # negative control: the eager path is far above
 
 
 def test_the_counter_sees_host_syncs():
@@ -123,7 +139,9 @@ def test_the_consistency_check_fails_at_the_context_exit(gen):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["loss", "running"])
-def test_non_finite_values_accumulate_as_plain_accumulation_would(gen, bad, where):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_non_finite_values_accumulate_as_plain_accumulation_would(gen, bad, where, compile):
     """No eigensolver error: the running gradient is non-finite wherever plain accumulation's
     is, finite where plain accumulation's is (so an isfinite check keeps working), and the
     next step is exact again."""
@@ -139,7 +157,10 @@ def test_non_finite_values_accumulate_as_plain_accumulation_would(gen, bad, wher
                 loss = loss * bad
             loss.backward()
 
-    with ProjectedAccumulator(model) as acc, ProjectedAccumulator(plain, strength=0.0) as ref:
+    with (
+        ProjectedAccumulator(model, compile=compile) as acc,
+        ProjectedAccumulator(plain, strength=0.0) as ref,
+    ):
         for a, m in ((acc, model), (ref, plain)):
             step(a, m, mbs[0], poison=False)
             if where == "running":

@@ -266,6 +266,76 @@ def compiled_update_weights(
     return _COMPILED[key]
 
 
+def dense_update(
+    s: torch.Tensor,
+    running: torch.Tensor,
+    mcb_grad: torch.Tensor,
+    *,
+    projection: Projection,
+    relative_bound: float | None,
+    removed_factor: float,
+) -> tuple[torch.Tensor, Weights, torch.Tensor]:
+    """The whole update from ``S: (k + 1, n)`` (row ``k``: the tokens of no sequence) and the
+    flat ``running`` and ``mcb_grad`` (``(n,)``): ``(new running gradient, solved, ‖running‖²)``.
+
+    The passes of the device precision policy (products in float64) and
+    :func:`update_weights` in one function, for ``torch.compile`` to fuse: the float64 copy,
+    the Gram GEMM, the inner products and norms, the ``k × k`` algebra, and the combination
+    ``running + mcb_grad + Σ_i w_i g_i`` in one pass.
+    """
+    k = s.shape[0] - 1
+    seqs = s[:k].to(torch.float64)
+    running64 = running.to(torch.float64)
+    gram, inner = seqs @ seqs.T, seqs @ running64
+    mcb_norm = torch.linalg.vector_norm(mcb_grad, dtype=torch.float64)
+    solved = update_weights(
+        gram,
+        inner,
+        mcb_norm,
+        projection=projection,
+        relative_bound=relative_bound,
+        removed_factor=removed_factor,
+    )
+    base = running.to(s.dtype) + mcb_grad.to(s.dtype)
+    new = (base + solved.weights @ seqs).to(s.dtype)
+    return new, solved, running64 @ running64
+
+
+_COMPILED_DENSE: dict[tuple, Callable[..., tuple[torch.Tensor, Weights, torch.Tensor]]] = {}
+
+
+def compiled_dense_update(
+    projection: Projection, relative_bound: float | None, removed_factor: float
+) -> Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Weights, torch.Tensor]
+]:
+    """``(s, running, mcb_grad) ->`` :func:`dense_update` for these settings, compiled as
+    :func:`compiled_update_weights` is (None under a ``TorchDispatchMode``)."""
+    if _get_current_dispatch_mode() is not None:
+        return None
+    key = (projection, relative_bound, removed_factor)
+    if key not in _COMPILED_DENSE:
+
+        def graph(s: torch.Tensor, running: torch.Tensor, mcb_grad: torch.Tensor):
+            return dense_update(
+                s,
+                running,
+                mcb_grad,
+                projection=projection,
+                relative_bound=relative_bound,
+                removed_factor=removed_factor,
+            )
+
+        compiled = torch.compile(graph, fullgraph=True, dynamic=True)
+
+        def call(s: torch.Tensor, running: torch.Tensor, mcb_grad: torch.Tensor):
+            with torch._dynamo.config.patch(specialize_float=True):
+                return compiled(s, running, mcb_grad)
+
+        _COMPILED_DENSE[key] = call
+    return _COMPILED_DENSE[key]
+
+
 def accumulate_proma(
     running: torch.Tensor | None,
     mcb_grad: torch.Tensor,
@@ -303,6 +373,18 @@ def accumulate_proma(
     device, with no host synchronisation (the factorisation may see the non-finite values:
     ``cholesky_ex`` does not raise, and the weights it gives are selected away).
     """
+    removed_factor = world * strength
+    relative_bound = None if clamp is None else clamp / world
+    settings = (projection, relative_bound, removed_factor)
+    whole = getattr(seq_grads, "whole", None)
+    if compile and running is not None and advantages is None and whole is not None:
+        # One compiled function for the passes and the algebra, when one chunk holds S.
+        dense = compiled_dense_update(*settings)
+        s = whole() if dense is not None else None
+        if dense is not None and s is not None:
+            new, solved, running_sq = dense(s, running.reshape(-1), mcb_grad.reshape(-1))
+            return new.view(running.shape), _info(seq_grads, solved, running_sq, removed_factor)
+
     gram, inner = seq_grads.gram_and_inner(running)  # G_ij = ⟨g_i, g_j⟩, r_i = ⟨g_i, running⟩
     if advantages is None:
         mcb_norm = norm(mcb_grad)
@@ -315,9 +397,6 @@ def accumulate_proma(
             return mcb_grad, None
         return seq_grads.combine(advantages), None
 
-    removed_factor = world * strength
-    relative_bound = None if clamp is None else clamp / world
-    settings = (projection, relative_bound, removed_factor)
     if compile:
         solved = compiled_update_weights(*settings)(gram, inner, mcb_norm)
     else:
@@ -334,14 +413,19 @@ def accumulate_proma(
         weights = weights + mcb_weights
     # Both combinations done in one pass.
     new = seq_grads.plus_combination(running, mcb_grad if advantages is None else None, weights)
-    info = UpdateInfo(
+    return new, _info(seq_grads, solved, sq_norm(running), removed_factor)
+
+
+def _info(
+    seq_grads: SequenceGradients, solved: Weights, running_sq: torch.Tensor, removed_factor: float
+) -> UpdateInfo:
+    return UpdateInfo(
         num_sequences=seq_grads.num_sequences,
         pivots=solved.pivots,
-        running_sq=sq_norm(running),
+        running_sq=running_sq,
         proj_norm=solved.proj_norm,
         scale=solved.scale,
         bound=solved.bound,
         finite=solved.finite,
         removed_factor=removed_factor,
     )
-    return new, info

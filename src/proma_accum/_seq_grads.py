@@ -337,6 +337,21 @@ class TensorSequenceGradients:
             check.finish(device, None if rows is None else _untouched_sq_norm(grad, rows))
         return _sum_parts(grams, (k, k), device), _sum_parts(inners, (k,), device)
 
+    def whole(self) -> torch.Tensor | None:
+        """``S: (k + 1, numel)``, all of the tensor's per-sequence gradients at once, when one
+        chunk holds them, no check reads them and nobody observes them (else None): for
+        ``accumulate_proma``'s compiled path, which does the passes itself."""
+        if (
+            len(self.plan.chunks) != 1
+            or self.plan.rows is not None
+            or self.check is not None
+            or self.observer is not None
+        ):
+            return None
+        s = self._kept if self._kept is not None else self._form(slice(None))
+        self._kept = s  # freed by release()
+        return s.reshape(s.shape[0], -1)
+
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
         """``Σ_i w_i g_i``, float32 values multiplied in float64 (under the CPU policy: in
         float32 unless the cancellation factor ``κ = Σ_i |w_i| ‖g_i‖ / ‖Σ_i w_i g_i‖`` exceeds
