@@ -68,12 +68,15 @@ class ProjectedAccumulator(OptimizerPassThrough):
         exclude: ``fnmatch`` patterns of parameter names to accumulate plainly.
         chunk_bytes: byte budget of one chunk of a tensor's per-sequence gradients
             (``(k + 1) × rows × row size``); larger tensors are processed chunk by chunk.
-        compile: run each update's ``k × k`` algebra (the coefficients, the clamp: ~35 small
-            operators per tensor and microbatch) as one ``torch.compile``'d graph — a few
-            kernel launches on a GPU instead of ~35. Compiled once per process (dynamic shapes:
-            any ``k``), which takes seconds; on a CPU it does not pay (the operators are cheap
-            there). Results agree with the eager path to rounding. Under a
-            ``TorchDispatchMode`` (which ``torch.compile`` does not support) the eager path runs.
+        compile: run each update as ``torch.compile``'d code: for a tensor whose per-sequence
+            gradients fit one chunk and need no consistency check (the common case: a
+            ``Linear`` weight on the fused path), its passes, ``k × k`` algebra and combination
+            are one compiled function (products in float64 on every device, as on a GPU);
+            otherwise the algebra alone is. About 24 kernel launches per tensor and microbatch
+            instead of ~51. Compiled once per process (dynamic shapes: any ``k``, no
+            recompilation per step), which takes seconds; on a CPU it does not pay. Results
+            agree with the eager path to rounding. Under a ``TorchDispatchMode`` (which
+            ``torch.compile`` does not support) the eager path runs.
 
     Memory: on CPU, the buffer of the largest per-sequence gradients (at least 32 MiB, e.g. a
     tied LM head's ``(k + 1) ×`` weight) is kept from one microbatch to the next of a step,
