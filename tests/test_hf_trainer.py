@@ -128,7 +128,9 @@ def sequence_losses(model: nn.Module, mb: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_trainer_step_matches_reference(tmp_path, layout):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_trainer_step_matches_reference(tmp_path, layout, compile):
     model = tiny_qwen3()
     if layout == "padded":
         data, collator = padded_dataset(), default_data_collator
@@ -156,7 +158,9 @@ def test_trainer_step_matches_reference(tmp_path, layout):
         data_collator=collator,
         callbacks=[check],
         proma_clamp=None,
+        proma_compile=compile,
     )
+    assert trainer.proma.compile is compile
     check.trainer = trainer
     trainer.train()
     assert check.checked

@@ -51,6 +51,8 @@ class PromaTrainerMixin:
         proma_exclude: ``fnmatch`` patterns of parameter names accumulated plainly.
         proma_chunk_bytes: byte budget of one chunk of per-sequence gradients (None: the
             accumulator's default).
+        proma_compile: ``ProjectedAccumulator(compile=...)``: each update as
+            ``torch.compile``'d code (fewer kernel launches on a GPU).
     """
 
     proma: ProjectedAccumulator
@@ -63,6 +65,7 @@ class PromaTrainerMixin:
         proma_strength: float = 1.0,
         proma_exclude: Iterable[str] = (),
         proma_chunk_bytes: int | None = None,
+        proma_compile: bool = False,
         **kwargs: Any,
     ) -> None:
         self._proma_stack: contextlib.ExitStack | None = None
@@ -78,6 +81,7 @@ class PromaTrainerMixin:
             strength=proma_strength,
             exclude=self._proma_exclude,
             **({} if proma_chunk_bytes is None else {"chunk_bytes": proma_chunk_bytes}),
+            compile=proma_compile,
         )
         self.proma.attach()
 

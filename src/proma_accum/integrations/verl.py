@@ -52,7 +52,7 @@ from ..sequence_ids import from_attention_mask, from_cu_seqlens
 __all__ = ["PromaFSDPEngineConfig", "PromaFSDPEngineWithLMHead", "sequence_ids"]
 
 # ProjectedAccumulator's keyword arguments that a VeRL config may set (not model / optimizer).
-_SETTINGS = ("projection", "clamp", "strength", "exclude", "chunk_bytes")
+_SETTINGS = ("projection", "clamp", "strength", "exclude", "chunk_bytes", "compile")
 
 if not hasattr(FSDPEngineWithLMHead, "_gradient_sync_context"):  # pragma: no cover
     raise ImportError(
@@ -65,7 +65,7 @@ if not hasattr(FSDPEngineWithLMHead, "_gradient_sync_context"):  # pragma: no co
 class PromaFSDPEngineConfig(FSDPEngineConfig):
     """VeRL's ``FSDPEngineConfig`` plus ``proma``: keyword arguments of
     :class:`~proma_accum.ProjectedAccumulator` (``projection``, ``clamp``, ``strength``,
-    ``exclude``, ``chunk_bytes``); an empty mapping means its defaults (clamp 0.5, exact
+    ``exclude``, ``chunk_bytes``, ``compile``); an empty mapping means its defaults (clamp 0.5, exact
     projection)."""
 
     proma: dict[str, Any] = dataclasses.field(default_factory=dict)
