@@ -65,8 +65,8 @@ if not hasattr(FSDPEngineWithLMHead, "_gradient_sync_context"):  # pragma: no co
 class PromaFSDPEngineConfig(FSDPEngineConfig):
     """VeRL's ``FSDPEngineConfig`` plus ``proma``: keyword arguments of
     :class:`~proma_accum.ProjectedAccumulator` (``projection``, ``clamp``, ``strength``,
-    ``exclude``, ``chunk_bytes``, ``compile``); an empty mapping means its defaults (clamp 0.5, exact
-    projection)."""
+    ``exclude``, ``chunk_bytes``, ``compile``); an empty mapping means its defaults (clamp 0.5,
+    exact projection)."""
 
     proma: dict[str, Any] = dataclasses.field(default_factory=dict)
 
