@@ -51,8 +51,9 @@ class IncompleteSequenceDataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Tolerance:
-    """``‖Σ_i S_i − g‖ ≤ rtol · ‖g‖ + accumulation · Σ_t ‖c_t‖``, where ``g`` is autograd's
-    gradient of the tensor and ``c_t`` each token's contribution to it.
+    """``‖Σ_i S_i − g‖ ≤ rtol · ‖g‖ + accumulation · Σ_t ‖c_t‖ + per_token · (Σ_t ‖c_t‖²)^½
+    (+ absolute)``, where ``g`` is autograd's gradient of the tensor and ``c_t`` each token's
+    contribution to it.
 
     Derived from the unit roundoff ``u`` of the lowest precision the layers computed in (the
     parameter dtype, the dtype an input was multiplied in, the float32 matmul precision):
@@ -68,6 +69,14 @@ class Tolerance:
       0: such a sum errs by a fraction of ``u · Σ_t ‖c_t‖`` (measured: up to
       ``0.26 u Σ_t ‖c_t‖`` for bf16 LayerNorm, whose relative error then
       grows with the number of tokens, to 10% at 16k tokens).
+
+    * ``per_token = 2 u_param`` when the layer forms each token's contribution in the
+      parameter's half dtype and sums the rounded contributions in float32
+      (``per_token_rounding``: the RMSNorms, whose ``w ⊙ x̂`` is a half-precision product;
+      norms covered by structure), else 0: independent roundings of at most ``u |c_t|`` add up
+      like a random walk, to about ``u / √3 · (Σ_t ‖c_t‖²)^½``; the bound is ~3.5x that.
+      (Measured before this term: a tiny bf16 Qwen3's ``k_norm`` — 8 features, contributions
+      from every token and head — failed the ``2u`` bound at ``2.14u`` in 1 of 60 runs.)
 
     * ``absolute = 2⁻²⁴ · sqrt(N · numel)`` when float16 is in play (parameters or an autocast
       input; ``N`` tokens, ``numel`` elements of the tensor): float16's subnormal range starts
@@ -85,6 +94,7 @@ class Tolerance:
     rtol: float
     accumulation: float
     absolute: float = 0.0
+    per_token: float = 0.0
 
 
 def tolerance(
@@ -93,6 +103,7 @@ def tolerance(
     low_precision_accumulation: bool,
     tokens: int = 0,
     numel: int = 0,
+    per_token_rounding: bool = False,
 ) -> Tolerance:
     """The :class:`Tolerance` for a tensor of ``param_dtype`` and ``numel`` elements whose
     layers multiplied inputs of ``input_dtypes`` (None: not recorded) over ``tokens`` tokens."""
@@ -107,7 +118,8 @@ def tolerance(
     accumulation = u_param if half and low_precision_accumulation else 0.0
     fp16 = param_dtype == torch.float16 or torch.float16 in input_dtypes
     absolute = 2.0**-24 * (tokens * numel) ** 0.5 if fp16 else 0.0
-    return Tolerance(max(RTOL_FLOOR, 2 * u), accumulation, absolute)
+    per_token = 2 * u_param if half and per_token_rounding else 0.0
+    return Tolerance(max(RTOL_FLOOR, 2 * u), accumulation, absolute, per_token)
 
 
 @dataclass
@@ -121,8 +133,10 @@ class Consistency:
     # Partial squared norms, summed in float64 at the end: ‖Σ_i S_i − g‖² and ‖g‖².
     _mismatch: list[torch.Tensor] = field(default_factory=list)
     _total: list[torch.Tensor] = field(default_factory=list)
-    # Σ_t ‖c_t‖ of the uses whose accumulation the tolerance allows for (0-d tensors).
+    # Σ_t ‖c_t‖ of the uses whose accumulation the tolerance allows for, and Σ_t ‖c_t‖² of
+    # those whose per-token rounding it allows for (0-d tensors).
     _scales: list[torch.Tensor] = field(default_factory=list)
+    _sq_scales: list[torch.Tensor] = field(default_factory=list)
     # ‖Σ_i S_i − g‖ / ‖g‖ and the tolerance in the same unit, as 0-d float64 tensors once
     # computed (see ``verify_all``).
     ratio: torch.Tensor | None = None
@@ -134,6 +148,13 @@ class Consistency:
 
     def add_scale(self, contribution_norm_sum: torch.Tensor) -> None:
         self._scales.append(contribution_norm_sum)
+
+    @property
+    def needs_sq_scale(self) -> bool:
+        return self.tolerance.per_token > 0
+
+    def add_sq_scale(self, contribution_sq_norm_sum: torch.Tensor) -> None:
+        self._sq_scales.append(contribution_sq_norm_sum)
 
     def add_block(self, seq_block: torch.Tensor, grad_block: torch.Tensor) -> None:
         """Account one column block: ``seq_block: (k + 1, n)`` per-sequence parts, ``grad_block:
@@ -161,6 +182,8 @@ class Consistency:
         extra = limit.absolute
         if self._scales:
             extra = extra + limit.accumulation * _sum(self._scales, norm.device)
+        if self._sq_scales:
+            extra = extra + limit.per_token * _sum(self._sq_scales, norm.device).sqrt()
         if isinstance(extra, torch.Tensor) or extra:
             self.allowed = limit.rtol + extra / norm
         else:  # one op, not three: the common float32 case

@@ -214,6 +214,10 @@ class TensorSequenceGradients:
             for cap, use in self._inputs:
                 if cap.layer.kernel.low_precision_accumulation:
                     check.add_scale(cap.layer.kernel.contribution_norm_sum(use))
+        if check is not None and check.needs_sq_scale:
+            for cap, use in self._inputs:
+                if cap.layer.kernel.per_token_rounding:
+                    check.add_sq_scale(cap.layer.kernel.contribution_sq_norm_sum(use))
         touched = [cap.layer.kernel.touched_rows(use) for cap, use in self._inputs]
         if self._fused:
             touched.append(None)

@@ -67,8 +67,9 @@ def update_tensor(
     if not (verified and len(uses) == 1):
         dtypes = [d for cap, _ in captures for d in cap.input_dtypes()]
         lowp = any(cap.layer.kernel.low_precision_accumulation for cap, _ in uses)
+        per_token = any(cap.layer.kernel.per_token_rounding for cap, _ in uses)
         tokens = sum(cap.seg.token_seq.numel() for cap, _ in uses)
-        limit = tolerance(target.dtype, dtypes, lowp, tokens, target.numel())
+        limit = tolerance(target.dtype, dtypes, lowp, tokens, target.numel(), per_token)
         observed = [f"gradient hook(s) on the parameter: {', '.join(hooks)}"] if hooks else []
         observed += sorted(
             {

@@ -62,6 +62,11 @@ class Kernel:
     # the kernel recomputes them in float32 (MoE blocks). Autograd's half-precision gradient
     # then differs by up to ~u · Σ_t ‖c_t‖ (``contribution_norm_sum``), which the check allows.
     low_precision_accumulation: bool = False
+    # Whether the layer forms each token's contribution to the parameter's gradient in the
+    # parameter's half dtype and sums the rounded contributions in float32 (the RMSNorms'
+    # ``w ⊙ x̂``): autograd's gradient then differs by about u · (Σ_t ‖c_t‖²)^½
+    # (``contribution_sq_norm_sum``), which the check allows.
+    per_token_rounding: bool = False
 
     def input_grad(
         self, module: nn.Module, grad_out: torch.Tensor, weight: torch.Tensor
@@ -112,6 +117,11 @@ class Kernel:
         """``Σ_t ‖c_t‖``: the norms of each token's contribution ``c_t`` to the parameter's
         gradient, summed (a 0-d float64 tensor); the scale of a low-precision accumulation's
         rounding error. Needed by kernels with ``low_precision_accumulation``."""
+        raise NotImplementedError
+
+    def contribution_sq_norm_sum(self, use: LayerUse) -> torch.Tensor:
+        """``Σ_t ‖c_t‖²`` (a 0-d float64 tensor): the scale of per-token rounding errors.
+        Needed by kernels with ``per_token_rounding``."""
         raise NotImplementedError
 
     def add_seq_grads(self, total: torch.Tensor, use: LayerUse, rows: Rows) -> None:

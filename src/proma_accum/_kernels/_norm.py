@@ -36,6 +36,10 @@ class AffineNormKernel(Kernel):
         c = self._contributions(use, torch.float32)
         return torch.linalg.vector_norm(c, dim=1, dtype=torch.float64).sum()
 
+    def contribution_sq_norm_sum(self, use: LayerUse) -> torch.Tensor:
+        c = self._contributions(use, torch.float32)
+        return torch.linalg.vector_norm(c, dtype=torch.float64).square()
+
     def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
         module = use.module
         b = self._contributions(use, dtype)

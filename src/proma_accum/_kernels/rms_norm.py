@@ -17,6 +17,7 @@ from ._norm import AffineNormKernel
 @register(nn.RMSNorm)
 class RMSNormKernel(AffineNormKernel):
     kind = "rms_norm"
+    per_token_rounding = True  # w ⊙ x̂ in the layer's dtype, token by token
 
     def feature_dims(self, module: nn.Module) -> int:
         return len(module.normalized_shape)
@@ -35,6 +36,7 @@ class RMSNormKernel(AffineNormKernel):
 )
 class HFRMSNormKernel(AffineNormKernel):
     kind = "rms_norm"
+    per_token_rounding = True  # w ⊙ x̂ after casting x̂ back to the input dtype
 
     def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.float32)

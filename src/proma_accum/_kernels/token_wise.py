@@ -29,6 +29,7 @@ Qwen/Llama/Mistral RMSNorms) use it: the analytic forms are cheaper.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -75,6 +76,9 @@ class TokenWiseKernel(Kernel):
     """Per-sequence gradients of a token-wise module from its own forward, token by token."""
 
     kind = "token_wise"
+    # The module's own math may multiply by its weight in a half dtype token by token (autograd
+    # then rounds each token's contribution): ``contribution_sq_norm_sum``.
+    per_token_rounding = True
 
     def roles(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return dict(module.named_parameters(recurse=False))
@@ -101,7 +105,9 @@ class TokenWiseKernel(Kernel):
             )
         return x.shape[:-1]
 
-    def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
+    def _token_grads(self, use: LayerUse, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """The role's per-token gradients ``∂⟨b_t, f(x_t; θ)⟩/∂θ``, ``(n, d)`` for ``n``
+        consecutive tokens at a time (``_TOKEN_CHUNK_BYTES`` each)."""
         module = use.module
         params = {
             f"inner.{n}": p.detach().to(dtype) for n, p in module.named_parameters(recurse=False)
@@ -123,13 +129,27 @@ class TokenWiseKernel(Kernel):
         per_token = torch.func.vmap(torch.func.grad(inner), in_dims=(None, 0, 0))
         n, d = x.shape
         step = max(1, _TOKEN_CHUNK_BYTES // max(1, d * dtype.itemsize))
-        k = use.num_sequences
-        total = x.new_zeros(k + 1, d)
-        seq = torch.where(use.seg.token_seq >= 0, use.seg.token_seq, k)
         for a in range(0, n, step):
-            grads = per_token(params[role], x[a : a + step], b[a : a + step])
-            if n <= step:
-                total = segment_sum(grads, use.seg)
-            else:
-                total.index_add_(0, seq[a : a + step], grads)
+            yield per_token(params[role], x[a : a + step], b[a : a + step])
+
+    def contribution_sq_norm_sum(self, use: LayerUse) -> torch.Tensor:
+        """``Σ_t ‖c_t‖²`` over the per-token gradients."""
+        total = torch.zeros((), dtype=torch.float64, device=use.grad_out.device)
+        for grads in self._token_grads(use, torch.float32):
+            total = total + torch.linalg.vector_norm(grads, dtype=torch.float64).square()
+        return total
+
+    def seq_grads(self, use: LayerUse, rows: Rows, dtype: torch.dtype) -> torch.Tensor:
+        k = use.num_sequences
+        seq = torch.where(use.seg.token_seq >= 0, use.seg.token_seq, k)
+        chunks = self._token_grads(use, dtype)
+        first = next(chunks)
+        if first.shape[0] == seq.numel():  # one chunk: all tokens
+            return segment_sum(first, use.seg)[:, rows]
+        total = first.new_zeros(k + 1, first.shape[1])
+        total.index_add_(0, seq[: first.shape[0]], first)
+        a = first.shape[0]
+        for grads in chunks:
+            total.index_add_(0, seq[a : a + grads.shape[0]], grads)
+            a += grads.shape[0]
         return total[:, rows]
