@@ -158,7 +158,8 @@ def algebra_launches(k: int = 8, compile: bool = True) -> list[str]:
     mode cannot count these: ``torch.compile`` does not run under one)."""
     import torch._inductor.config as inductor_config
 
-    from proma_accum._proma import compiled_update_weights, update_weights
+    from proma_accum._compiled import compiler
+    from proma_accum._proma import update_weights
 
     gen = torch.Generator().manual_seed(0)
     s = torch.randn(k, 64, dtype=torch.float64, generator=gen)
@@ -166,7 +167,7 @@ def algebra_launches(k: int = 8, compile: bool = True) -> list[str]:
     settings = {"projection": "exact", "relative_bound": 0.5, "removed_factor": 1.0}
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         if compile:
-            solve = compiled_update_weights(*settings.values())
+            solve = compiler(*settings.values(), torch.device("cpu"))(update_weights)
         else:
             solve = functools.partial(update_weights, **settings)
         solve(*args)  # compiles

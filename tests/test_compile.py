@@ -71,3 +71,28 @@ def test_compile_runs_eagerly_under_a_dispatch_mode(gen):
         ops[compile] = c.total
         assert_grads_close(model, reference_accumulate(model, mbs, toy_sequence_losses))
     assert ops[True] == ops[False]
+
+
+def test_changed_settings_run_the_same_graph(gen):
+    """The clamp bound and the strength are inputs of the graph: a strength schedule over 12
+    values (and accumulators with other clamps) compiles nothing more — far past torch's 8
+    recompilations per function, which would end in a hard error under ``fullgraph=True``."""
+    torch.manual_seed(0)
+    model = ToyLM()
+    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=23)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for i in range(12):
+        acc = ProjectedAccumulator(model, compile=True, strength=1.0 - i / 20, clamp=0.3 + i / 10)
+        model.zero_grad(set_to_none=True)
+        with acc:
+            for mb in mbs:
+                with acc.microbatch(mb["seq_ids"]):
+                    toy_sequence_losses(model, mb).sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+        expected = reference_accumulate(
+            model, mbs, toy_sequence_losses, strength=acc.strength, clamp=acc.clamp
+        )
+        assert_grads_close(model, expected)
+    assert graphs[0] >= 1 and graphs == [graphs[0]] * 12, graphs

@@ -19,7 +19,7 @@ Where things live (public modules first):
 * ``_proma``: the algorithm, as the note's figures 1 and 3 (coefficients from the Gram matrix,
   the clamp); ``_numerics``: norms, the normalised Gram, the rank cut; ``_update``: one
   projected tensor's update in a microbatch (its layer calls, whether to check, then
-  ``_proma``).
+  ``_proma``); ``_compiled``: ``compile=True``, the update as ``torch.compile``'d code.
 * ``_coverage``: which tensors are projected, through which layers, and why others are not.
 * ``_capture``: what a layer records in the forward (one ``Capture`` per call) and the fused
   path's decision; ``_fused``: the autograd Function of the fused path.

@@ -16,14 +16,11 @@ float64, so the sequence gradients themselves are only touched by the layer kern
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._numerics import RANK_RTOL, UnitGram, norm, normalized_gram, sq_norm
 
@@ -222,120 +219,6 @@ def update_weights(
     return Weights(weights, proj_norm, scale, bound, finite, pivots)
 
 
-_COMPILED: dict[tuple, Callable[..., Weights]] = {}
-
-
-def compiled_update_weights(
-    projection: Projection, relative_bound: float | None, removed_factor: float
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Weights]:
-    """``(gram, inner, mcb_norm) ->`` :func:`update_weights` for these settings, compiled with
-    ``torch.compile`` (``fullgraph=True``; dynamic shapes: one graph serves every ``k``; the
-    settings are constants of the graph): its ~35 operators become four fused kernels around
-    the four factorisation, solve and GEMM calls. Made once per process and settings; under a
-    ``TorchDispatchMode`` (where ``torch.compile`` does not run), the eager function."""
-    settings = {
-        "projection": projection,
-        "relative_bound": relative_bound,
-        "removed_factor": removed_factor,
-    }
-    solve = functools.partial(update_weights, **settings)
-    if _get_current_dispatch_mode() is not None:
-        return solve
-    key = tuple(settings.values())
-    if key not in _COMPILED:
-
-        def graph(gram: torch.Tensor, inner: torch.Tensor, mcb_norm: torch.Tensor) -> Weights:
-            return update_weights(
-                gram,
-                inner,
-                mcb_norm,
-                projection=projection,
-                relative_bound=relative_bound,
-                removed_factor=removed_factor,
-            )
-
-        compiled = torch.compile(graph, fullgraph=True, dynamic=True)
-
-        def call(gram: torch.Tensor, inner: torch.Tensor, mcb_norm: torch.Tensor) -> Weights:
-            # Floats traced as constants (torch otherwise lifts each into a host tensor that
-            # the graph reads on every call).
-            with torch._dynamo.config.patch(specialize_float=True):
-                return compiled(gram, inner, mcb_norm)
-
-        _COMPILED[key] = call
-    return _COMPILED[key]
-
-
-def dense_update(
-    s: torch.Tensor,
-    running: torch.Tensor,
-    mcb_grad: torch.Tensor,
-    *,
-    projection: Projection,
-    relative_bound: float | None,
-    removed_factor: float,
-) -> tuple[torch.Tensor, Weights, torch.Tensor]:
-    """The whole update from ``S: (k + 1, n)`` (row ``k``: the tokens of no sequence) and the
-    flat ``running`` and ``mcb_grad`` (``(n,)``): ``(new running gradient, solved, ‖running‖²)``.
-
-    The passes of the device precision policy (products in float64) and
-    :func:`update_weights` in one function, for ``torch.compile`` to fuse: the float64 copy,
-    the Gram GEMM, the inner products and norms, the ``k × k`` algebra, and the combination
-    ``running + mcb_grad + Σ_i w_i g_i`` in one pass.
-    """
-    k = s.shape[0] - 1
-    seqs = s[:k].to(torch.float64)
-    running64 = running.to(torch.float64)
-    gram, inner = seqs @ seqs.T, seqs @ running64
-    mcb_norm = torch.linalg.vector_norm(mcb_grad, dtype=torch.float64)
-    solved = update_weights(
-        gram,
-        inner,
-        mcb_norm,
-        projection=projection,
-        relative_bound=relative_bound,
-        removed_factor=removed_factor,
-    )
-    base = running.to(s.dtype) + mcb_grad.to(s.dtype)
-    new = (base + solved.weights @ seqs).to(s.dtype)
-    return new, solved, running64 @ running64
-
-
-_COMPILED_DENSE: dict[tuple, Callable[..., tuple[torch.Tensor, Weights, torch.Tensor]]] = {}
-
-
-def compiled_dense_update(
-    projection: Projection, relative_bound: float | None, removed_factor: float
-) -> Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Weights, torch.Tensor]
-]:
-    """``(s, running, mcb_grad) ->`` :func:`dense_update` for these settings, compiled as
-    :func:`compiled_update_weights` is (None under a ``TorchDispatchMode``)."""
-    if _get_current_dispatch_mode() is not None:
-        return None
-    key = (projection, relative_bound, removed_factor)
-    if key not in _COMPILED_DENSE:
-
-        def graph(s: torch.Tensor, running: torch.Tensor, mcb_grad: torch.Tensor):
-            return dense_update(
-                s,
-                running,
-                mcb_grad,
-                projection=projection,
-                relative_bound=relative_bound,
-                removed_factor=removed_factor,
-            )
-
-        compiled = torch.compile(graph, fullgraph=True, dynamic=True)
-
-        def call(s: torch.Tensor, running: torch.Tensor, mcb_grad: torch.Tensor):
-            with torch._dynamo.config.patch(specialize_float=True):
-                return compiled(s, running, mcb_grad)
-
-        _COMPILED_DENSE[key] = call
-    return _COMPILED_DENSE[key]
-
-
 def accumulate_proma(
     running: torch.Tensor | None,
     mcb_grad: torch.Tensor,
@@ -360,7 +243,9 @@ def accumulate_proma(
         world: ``W > 1`` when the result is averaged over ``W`` data-parallel ranks that share
             ``running``: the clamp bound becomes ``clamp · ‖g‖ / W`` and ``W`` times the clamped
             projection is removed, so the average removes ``Σ_r clamp(P_r(running))``.
-        compile: solve the ``k × k`` part with :func:`compiled_update_weights`.
+        compile: run the update as ``torch.compile``'d code (``_compiled``): the passes and
+            the algebra in one function when ``seq_grads.whole()`` gives all of ``S``, else
+            the algebra alone; eager under a ``TorchDispatchMode``.
 
     Returns:
         The new running gradient (compute dtype) and diagnostics (None when nothing was
@@ -377,11 +262,16 @@ def accumulate_proma(
     relative_bound = None if clamp is None else clamp / world
     settings = (projection, relative_bound, removed_factor)
     whole = getattr(seq_grads, "whole", None)
-    if compile and running is not None and advantages is None and whole is not None:
+    compiled = None
+    if compile:
+        from . import _compiled  # it compiles this module's functions
+
+        compiled = _compiled.compiler(*settings, mcb_grad.device)
+    if compiled is not None and running is not None and advantages is None and whole is not None:
         # One compiled function for the passes and the algebra, when one chunk holds S.
-        dense = compiled_dense_update(*settings)
-        s = whole() if dense is not None else None
-        if dense is not None and s is not None:
+        s = whole()
+        if s is not None:
+            dense = compiled(_compiled.dense_update)  # type: ignore[union-attr]
             new, solved, running_sq = dense(s, running.reshape(-1), mcb_grad.reshape(-1))
             return new.view(running.shape), _info(seq_grads, solved, running_sq, removed_factor)
 
@@ -397,8 +287,8 @@ def accumulate_proma(
             return mcb_grad, None
         return seq_grads.combine(advantages), None
 
-    if compile:
-        solved = compiled_update_weights(*settings)(gram, inner, mcb_norm)
+    if compiled is not None:
+        solved = compiled(update_weights)(gram, inner, mcb_norm)
     else:
         solved = update_weights(
             gram,
