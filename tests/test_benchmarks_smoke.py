@@ -232,3 +232,17 @@ def test_attribution_cli_quick():
     assert "**step**" in rows
     same = _attribution_rows("--workload", "default", "--variant", "plain")
     assert same[bmm][4] == "0 → 0" and float(same[bmm][2]) == 0
+
+
+def test_bf16_margins_quick(monkeypatch):
+    """Correct bf16 runs stay below the check's bound; negative control: without the RMSNorms'
+    per-token rounding term, the known run (seed 9) is a false alarm."""
+    from benchmarks.bf16_margins import margins
+    from proma_accum._kernels.rms_norm import HFRMSNormKernel
+
+    failed, by_kind = margins("qwen3", seeds=2)
+    assert failed == 0 and max(r[-1] for r in by_kind.values()) < 1.0
+    assert {"q_norm", "k_norm", "Embedding"} <= set(by_kind)
+    monkeypatch.setattr(HFRMSNormKernel, "per_token_rounding", False)
+    failed, _ = margins("qwen3", seeds=10)
+    assert failed >= 1
