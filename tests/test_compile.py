@@ -96,3 +96,29 @@ def test_changed_settings_run_the_same_graph(gen):
         )
         assert_grads_close(model, expected)
     assert graphs[0] >= 1 and graphs == [graphs[0]] * 12, graphs
+
+
+@pytest.mark.parametrize("block_bytes", [None, 8], ids=["one-block", "one-column-blocks"])
+def test_the_compiled_passes_only_take_tensors_whose_float64_copy_fits_a_block(
+    gen, monkeypatch, block_bytes
+):
+    """The compiled passes copy all of ``S`` to float64 at once: only tensors whose copy fits
+    one column block take them (the transient the eager passes allow themselves); the others
+    run the eager passes with the compiled algebra. Both match the reference."""
+    if block_bytes is not None:
+        monkeypatch.setitem(_seq_grads._GRAM_BLOCK_BYTES, "cpu", block_bytes)
+    taken = []
+    whole = _seq_grads.TensorSequenceGradients.whole
+
+    def spy(self):
+        s = whole(self)
+        taken.append(s is not None)
+        return s
+
+    monkeypatch.setattr(_seq_grads.TensorSequenceGradients, "whole", spy)
+    torch.manual_seed(0)
+    model = ToyLM()
+    mbs = row_microbatches(gen, 2, rows=4, length=5, vocab=23)
+    _, _ = _steps(model, [mbs], compile=True)
+    assert taken and (any(taken) if block_bytes is None else not any(taken))
+    assert_grads_close(model, reference_accumulate(model, mbs, toy_sequence_losses))

@@ -94,8 +94,8 @@ def _coefficients(
     projection: Projection, unit: UnitGram, inner: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(c, ‖Σ c_i g_i‖², pivots)`` of :func:`span_coefficients_exact` or
-    :func:`span_coefficients_gs2`; ``pivots`` are the squared diagonal of the Cholesky factor of
-    ``Ĝ + εI``, whose count above ``101 ε`` is the rank (:func:`rank_of`).
+    :func:`span_coefficients_gs2`; ``pivots`` is the diagonal of the Cholesky factor of
+    ``Ĝ + εI``, whose squares above ``101 ε`` count the rank (:func:`rank_of`).
 
     The regularised factor comes from ``cholesky_ex`` (no error check, so no host
     synchronisation; ``Ĝ`` is formed from exact products, its eigenvalues err by ~1e-16, so

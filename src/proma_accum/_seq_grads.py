@@ -343,13 +343,16 @@ class TensorSequenceGradients:
 
     def whole(self) -> torch.Tensor | None:
         """``S: (k + 1, numel)``, all of the tensor's per-sequence gradients at once, when one
-        chunk holds them, no check reads them and nobody observes them (else None): for
+        chunk holds them, their float64 copy fits one column block (the transient the passes
+        allow themselves), no check reads them and nobody observes them (else None): for
         ``accumulate_proma``'s compiled path, which does the passes itself."""
+        numel = self.param.numel()
         if (
             len(self.plan.chunks) != 1
             or self.plan.rows is not None
             or self.check is not None
             or self.observer is not None
+            or block_columns(self.param.device, self.num_sequences + 1, 8) < numel
         ):
             return None
         s = self._kept if self._kept is not None else self._form(slice(None))
