@@ -170,18 +170,9 @@ class SparseMoeKernel(Kernel):
             for grads in _router_token_grads(module, xr, b, idx, dtype):
                 total = total + torch.linalg.vector_norm(grads, dim=1, dtype=torch.float64).sum()
             return total
-        experts = module.experts
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         for e in torch.unique(idx).tolist():
-            t, j = (idx == e).nonzero(as_tuple=True)
-            h, bt, wt = x[t], b[t], w[t, j].to(dtype)[:, None]
-            g, v = (h @ experts.gate_up_proj[e].to(dtype).T).chunk(2, dim=-1)
-            act_g, act_vjp = torch.func.vjp(experts.act_fn, g)
-            if use.role == DOWN:
-                left, right = wt * bt, act_g * v
-            else:
-                da = wt * (bt @ experts.down_proj[e].to(dtype))
-                left, right = torch.cat([act_vjp(da * v)[0], da * act_g], dim=-1), h
+            _, left, right = _expert_factors(module.experts, e, use.role, x, b, w, idx, dtype)
             norms = left.norm(dim=1, dtype=torch.float64) * right.norm(dim=1, dtype=torch.float64)
             total = total + norms.sum()
         return total
@@ -204,17 +195,32 @@ class SparseMoeKernel(Kernel):
         out = use.empty(k + 1, rows.numel(), *param.shape[1:], dtype=dtype)
         xf = x.to(dtype)
         for i, e in enumerate(rows.tolist()):
-            t, j = (idx == e).nonzero(as_tuple=True)
-            h, bt, wt = xf[t], b[t], w[t, j].to(dtype)[:, None]
-            g, v = (h @ experts.gate_up_proj[e].to(dtype).T).chunk(2, dim=-1)
-            act_g, act_vjp = torch.func.vjp(experts.act_fn, g)
-            if use.role == DOWN:
-                out[:, i] = outer_by_group(wt * bt, act_g * v, seq[t], k + 1)
-            else:
-                da = wt * (bt @ experts.down_proj[e].to(dtype))
-                du = torch.cat([act_vjp(da * v)[0], da * act_g], dim=-1)
-                out[:, i] = outer_by_group(du, h, seq[t], k + 1)
+            t, left, right = _expert_factors(experts, e, use.role, xf, b, w, idx, dtype)
+            out[:, i] = outer_by_group(left, right, seq[t], k + 1)
         return out
+
+
+def _expert_factors(
+    experts: nn.Module,
+    e: int,
+    role: str,
+    x: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    idx: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(t, left, right)``: the tokens routed to expert ``e`` and, per routed token, the
+    factors of its rank-one contribution ``left ⊗ right`` to the ``role`` slice of expert ``e``
+    (module docstring), in ``dtype``; ``x: (N, H)`` in ``dtype``."""
+    t, j = (idx == e).nonzero(as_tuple=True)
+    h, bt, wt = x[t], b[t], w[t, j].to(dtype)[:, None]
+    g, v = (h @ experts.gate_up_proj[e].to(dtype).T).chunk(2, dim=-1)
+    act_g, act_vjp = torch.func.vjp(experts.act_fn, g)
+    if role == DOWN:
+        return t, wt * bt, act_g * v
+    da = wt * (bt @ experts.down_proj[e].to(dtype))
+    return t, torch.cat([act_vjp(da * v)[0], da * act_g], dim=-1), h
 
 
 @register("transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock")
