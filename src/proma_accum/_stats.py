@@ -123,11 +123,20 @@ def _sums(infos: list[UpdateInfo]) -> dict[str, torch.Tensor | float]:
     }
 
 
-def _stack(values: list[torch.Tensor | float], device: torch.device) -> torch.Tensor:
-    """``(n,)`` float64 from 0-d tensors or floats (one op when they are all of one kind)."""
-    if all(isinstance(v, float | int) for v in values):
-        return torch.tensor(values, dtype=torch.float64, device=device)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+def _stack(values: list[torch.Tensor | float], device: torch.device) -> torch.Tensor | float:
+    """``(n,)`` float64 from 0-d tensors or floats, or the one float they all are. Floats go to
+    the device as fill kernels' arguments, never by a host-to-device copy (which synchronises
+    on CUDA)."""
+    if all(isinstance(v, float | int) for v in values) and len(set(values)) == 1:
+        return float(values[0])
+    return torch.stack(
+        [
+            v
+            if isinstance(v, torch.Tensor)
+            else torch.full((), v, dtype=torch.float64, device=device)
+            for v in values
+        ]
+    )
 
 
 def _summarise(table: dict[str, dict[str, torch.Tensor | float]]) -> dict[str, dict[str, float]]:
