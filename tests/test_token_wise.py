@@ -217,6 +217,17 @@ class ShiftedEmbedding(ScaledEmbedding):
         return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype) + 1.0
 
 
+class FloatScaledEmbedding(nn.Embedding):
+    """transformers' BART-style scaled embedding: a float ``embed_scale`` attribute."""
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, embed_scale=1.0):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor):
+        return super().forward(input_ids) * self.embed_scale
+
+
 class PlainSubclass(nn.Embedding):
     """Does not override forward: nn.Embedding's math."""
 
@@ -234,6 +245,18 @@ def test_scaled_embedding_matches_reference(tied, mode):
         adv = [t[ids_in_order(mb["seq_ids"])] for t, mb in zip(by_id, mbs, strict=True)]
     expected = reference_accumulate(model, mbs, toy_sequence_losses, advantages=adv)
     acc = _run(model, mbs, by_id)
+    assert acc.unprojected_parameters() == {}
+    assert_grads_close(model, expected)
+
+
+def test_float_scaled_embedding_matches_reference():
+    """A float ``embed_scale`` (BART's form) is applied as a number on the host: no tensor is
+    made for it on the device."""
+    torch.manual_seed(0)
+    model = NormLM(OffsetRMSNorm(D), FloatScaledEmbedding(VOCAB, D, 0, embed_scale=D**0.5))
+    mbs = _mbs()
+    expected = reference_accumulate(model, mbs, toy_sequence_losses)
+    acc = _run(model, mbs, None)
     assert acc.unprojected_parameters() == {}
     assert_grads_close(model, expected)
 

@@ -64,7 +64,8 @@ def _number(value: float, device: torch.device) -> torch.Tensor:
     if key not in _NUMBERS:
         if len(_NUMBERS) >= 256:  # e.g. a strength schedule: keep the cache small
             _NUMBERS.clear()
-        _NUMBERS[key] = torch.tensor(value, dtype=torch.float64, device=device)
+        # A fill kernel, not a host-to-device copy (which synchronises on CUDA).
+        _NUMBERS[key] = torch.full((), value, dtype=torch.float64, device=device)
     return _NUMBERS[key]
 
 

@@ -129,8 +129,13 @@ class ScaledEmbeddingKernel(EmbeddingKernel):
 
     def token_grads(self, use: LayerUse, dtype: torch.dtype) -> torch.Tensor:
         module = use.module
-        scale = torch.as_tensor(module.embed_scale, device=use.grad_out.device)
-        scale = scale.to(module.weight.dtype).to(dtype)  # the forward multiplies in W's dtype
+        scale = module.embed_scale
+        if not isinstance(scale, torch.Tensor):  # a float: rounded on the host, no device copy
+            scale = float(torch.tensor(scale, dtype=module.weight.dtype))
+        else:
+            scale = scale.to(use.grad_out.device, module.weight.dtype)
+        # The forward multiplies in W's dtype.
+        scale = scale.to(dtype) if isinstance(scale, torch.Tensor) else scale
         return super().token_grads(use, dtype) * scale
 
 
