@@ -136,3 +136,18 @@ def test_qwen2_moe_packed_rows_match_reference(mode):
     )
     assert acc.unprojected_parameters() == {}
     assert_grads_close(model, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["loss", "advantages"])
+def test_granitemoe_packed_rows_match_reference(mode):
+    """GraniteMoE: the same experts, a router named ``router`` (softmax over the top-k logits),
+    through packed rows with padding."""
+    model = tiny("GraniteMoe", num_local_experts=4, num_experts_per_tok=2)
+    mbs, by_id, aligned = _packed()
+    advantages = aligned if mode == "advantages" else None
+    expected = reference_accumulate(model, mbs, hf_sequence_losses, advantages=advantages)
+    acc = run_accumulator(
+        model, mbs, hf_sequence_losses, advantages=by_id if mode == "advantages" else None
+    )
+    assert acc.unprojected_parameters() == {}
+    assert_grads_close(model, expected, rtol=1e-4, atol=1e-7)

@@ -6,9 +6,9 @@ with the sequence each token belongs to — into the per-sequence gradients of i
 of tokens that belong to no sequence (``seq_ids == -1``). Register one for a module type with
 :func:`register`; the accumulator then projects that type's parameters. Built-in kernels cover
 ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``, transformers' ``Conv1D``,
-several RMSNorm classes and the sparse MoE blocks of Qwen3-MoE, Mixtral, OLMoE and Qwen2-MoE;
-convolutions and group/instance norms are covered through Opacus's per-sample gradients when
-each row is one sequence.
+several RMSNorm classes and the sparse MoE blocks of Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE and
+GraniteMoE; convolutions and group/instance norms are covered through Opacus's per-sample
+gradients when each row is one sequence.
 
 Lookup is by exact type (a subclass may compute something else): register subclasses
 explicitly. Without a registered kernel, two kinds are judged by structure: ``nn.Embedding``

@@ -1,10 +1,10 @@
 """transformers' sparse MoE blocks: the fused experts and the router, hooked at the block.
 
-The block (Qwen3-MoE, Mixtral, OLMoE) routes each token ``x_t`` on its own: the router ``R``
-gives the chosen experts ``e_{t,j}`` and their weights ``w_{t,j}`` (``j < K``, top-k), and the
-block's output is ``Σ_j w_{t,j} E_{e_{t,j}}(x_t)``. Expert ``e`` is stored as slices of 3-D tensors:
-``u = G_e x``, ``[g; v] = u``, ``a = act(g) ⊙ v``, ``E_e(x) = D_e a``. With ``b_t`` the gradient of
-the block's output, for sequence ``s``:
+The block (Qwen3-MoE, Mixtral, OLMoE, GraniteMoE) routes each token ``x_t`` on its own: the
+router ``R`` gives the chosen experts ``e_{t,j}`` and their weights ``w_{t,j}`` (``j < K``,
+top-k), and the block's output is ``Σ_j w_{t,j} E_{e_{t,j}}(x_t)``. Expert ``e`` is stored as
+slices of 3-D tensors: ``u = G_e x``, ``[g; v] = u``, ``a = act(g) ⊙ v``, ``E_e(x) = D_e a``.
+With ``b_t`` the gradient of the block's output, for sequence ``s``:
 
 - ``g_s(D_e) = Σ_{(t, j) ∈ s, e_{t,j} = e} w_{t,j} b_t a_{t,j}ᵀ``;
 - ``g_s(G_e) = Σ_{(t, j) ∈ s, e_{t,j} = e} δu_{t,j} x_tᵀ`` with ``δa = w_{t,j} D_eᵀ b_t``,
@@ -55,6 +55,8 @@ from .linear import outer_by_sequence
 from .token_wise import _TOKEN_CHUNK_BYTES, _Forward
 
 GATE_UP, DOWN, ROUTER = "experts.gate_up_proj", "experts.down_proj", "gate.weight"
+GRANITE_ROUTER = "router.weight"  # GraniteMoE names its router ``router``
+ROUTERS = (ROUTER, GRANITE_ROUTER)
 SHARED_GATE, SHARED_UP, SHARED_DOWN, SHARED_SCALE = (
     "shared_expert.gate_proj.weight",
     "shared_expert.up_proj.weight",
@@ -96,10 +98,11 @@ class SparseMoeKernel(Kernel):
     # this kernel recomputes them in float32: the gradients then differ by up to ~u per token,
     # u · Σ_t ‖c_t‖ in all, which the consistency check allows (``contribution_norm_sum``).
     low_precision_accumulation = True
+    router_role = ROUTER  # the router's weight, as a role: "<router submodule>.weight"
 
     def roles(self, module: nn.Module) -> dict[str, nn.Parameter]:
         found = {}
-        for role in (GATE_UP, DOWN, ROUTER):
+        for role in (GATE_UP, DOWN, self.router_role):
             owner, _, attr = role.rpartition(".")
             p = getattr(getattr(module, owner, None), attr, None)
             if isinstance(p, nn.Parameter):
@@ -108,9 +111,10 @@ class SparseMoeKernel(Kernel):
 
     def unsupported(self, module: nn.Module) -> str | None:
         cls = type(module).__name__
-        experts, router = getattr(module, "experts", None), getattr(module, "gate", None)
+        name = self.router_role.split(".")[0]
+        experts, router = getattr(module, "experts", None), getattr(module, name, None)
         if experts is None or router is None:
-            return f"{cls} has no 'experts' and 'gate' submodules"
+            return f"{cls} has no 'experts' and '{name}' submodules"
         gate_up = getattr(experts, "gate_up_proj", None)
         down = getattr(experts, "down_proj", None)
         if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
@@ -149,7 +153,7 @@ class SparseMoeKernel(Kernel):
         return None
 
     def touched_rows(self, use: LayerUse) -> torch.Tensor | None:
-        if use.role == ROUTER or use.role in SHARED:
+        if use.role in ROUTERS or use.role in SHARED:
             return None
         _, idx = _route(use.module, use.x)
         return torch.unique(idx)
@@ -164,7 +168,7 @@ class SparseMoeKernel(Kernel):
         if use.role in SHARED:
             return _shared_contribution_norms(use, x, b).sum(dtype=torch.float64)
         w, idx = _route(module, use.x)
-        if use.role == ROUTER:
+        if use.role in ROUTERS:
             total = torch.zeros((), dtype=torch.float64, device=x.device)
             xr = use.x.reshape(-1, use.x.shape[-1])  # as the router multiplied it
             for grads in _router_token_grads(module, xr, b, idx, dtype):
@@ -185,7 +189,7 @@ class SparseMoeKernel(Kernel):
         k = use.num_sequences
         seq = torch.where(use.seg.token_seq >= 0, use.seg.token_seq, k)
         b = tokens(use.grad_out, 1, dtype)
-        if use.role == ROUTER:
+        if use.role in ROUTERS:
             return _router_seq_grads(module, x, b, w, idx, seq, k, dtype)[:, rows]
         if use.role in SHARED:
             return _shared_seq_grads(use, x, b, dtype)[:, rows]
@@ -300,6 +304,20 @@ def _shared_contribution_norms(use: LayerUse, x: torch.Tensor, b: torch.Tensor) 
     return left.norm(dim=1, dtype=torch.float64) * right.norm(dim=1, dtype=torch.float64)
 
 
+@register("transformers.models.granitemoe.modeling_granitemoe.GraniteMoeMoE")
+class GraniteMoeKernel(SparseMoeKernel):
+    """GraniteMoE's block: the same experts, a router named ``router`` whose top-k weights are
+    the softmax of the top-k logits (its own forward is differentiated, whatever its math)."""
+
+    router_role = GRANITE_ROUTER
+
+
+def _router(module: nn.Module) -> nn.Module:
+    """The block's router: ``gate`` (Qwen-MoE, Mixtral, OLMoE) or ``router`` (GraniteMoE)."""
+    router = getattr(module, "gate", None)
+    return module.router if router is None else router
+
+
 def _autocast(x: torch.Tensor, weight: torch.Tensor) -> contextlib.AbstractContextManager:
     """The autocast the forward ran under, when the capture cast the input to a half type."""
     if x.dtype in _HALF and weight.dtype != x.dtype:
@@ -310,7 +328,7 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor) -> contextlib.AbstractConte
 def _route(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(w, idx)``, both ``(N, K)``: the router's weights and experts for every token, from its
     own forward (hooks bypassed) on the block's input, as the block computed them."""
-    router = module.gate
+    router = _router(module)
     with torch.no_grad(), _autocast(x, router.weight):
         out = router.forward(x.reshape(-1, x.shape[-1]))
     return out[1], out[2]
@@ -326,7 +344,7 @@ def _router_token_grads(
 ) -> Iterator[torch.Tensor]:
     """The router weight's per-token gradients, ``(n, E · H)`` for ``n`` consecutive tokens at a
     time (``_TOKEN_CHUNK_BYTES`` each; module docstring)."""
-    experts, router = module.experts, module.gate
+    experts, router = module.experts, _router(module)
     c = torch.zeros(idx.shape, dtype=dtype, device=x.device)  # c_{t,j} = b_t · E_{e_tj}(x_t)
     xf = x.to(dtype)
     for e in torch.unique(idx).tolist():
@@ -360,7 +378,7 @@ def _router_seq_grads(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """``(k + 1, E, H)``: the router weight's per-sequence gradients (module docstring)."""
-    weight = module.gate.weight
+    weight = _router(module).weight
     total = torch.zeros(k + 1, weight.numel(), dtype=dtype, device=x.device)
     a = 0
     for grads in _router_token_grads(module, x, b, idx, dtype):
