@@ -64,6 +64,9 @@ FAMILIES = {
     "mixtral": lambda: tiny("Mixtral", num_local_experts=4, **MOE),
     "olmoe": lambda: tiny("Olmoe", num_experts=4, **MOE),
     "granitemoe": lambda: tiny("GraniteMoe", num_local_experts=4, num_experts_per_tok=2),
+    "granitemoe-shared": lambda: tiny(
+        "GraniteMoeShared", num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=16
+    ),
     "qwen2-moe": lambda: tiny("Qwen2Moe", num_experts=4, shared_expert_intermediate_size=16, **MOE),
     "olmo2": lambda: tiny("Olmo2"),
     "cohere": lambda: tiny("Cohere"),

@@ -304,7 +304,10 @@ def _shared_contribution_norms(use: LayerUse, x: torch.Tensor, b: torch.Tensor) 
     return left.norm(dim=1, dtype=torch.float64) * right.norm(dim=1, dtype=torch.float64)
 
 
-@register("transformers.models.granitemoe.modeling_granitemoe.GraniteMoeMoE")
+@register(
+    "transformers.models.granitemoe.modeling_granitemoe.GraniteMoeMoE",
+    "transformers.models.granitemoeshared.modeling_granitemoeshared.GraniteMoeSharedMoE",
+)
 class GraniteMoeKernel(SparseMoeKernel):
     """GraniteMoE's block: the same experts, a router named ``router`` whose top-k weights are
     the softmax of the top-k logits (its own forward is differentiated, whatever its math)."""
