@@ -32,6 +32,7 @@ from torch import nn
 
 from benchmarks.dispatch_counts import CountOps
 from benchmarks.workloads import (
+    TINY_MODEL,
     LayerKindModel,
     Microbatch,
     ModelSpec,
@@ -50,15 +51,6 @@ QWEN3_06B = ModelSpec(
     num_key_value_heads=8,
     head_dim=128,
     vocab_size=151936,
-)
-SMALL = ModelSpec(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=512,
 )
 KINDS = ("linear", "embedding", "layer_norm", "rms_norm", "conv1d", "hf_rms_norm", "tied")
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
@@ -226,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu --small to check the script")
-    spec = SMALL if args.small else QWEN3_06B
+    spec = TINY_MODEL if args.small else QWEN3_06B
     seq_len, seqs, microbatches = (16, 4, 2) if args.small else (1024, 8, 4)
     workload = Workload(
         "gpu-check", "gpu check", seq_len, seqs, microbatches=microbatches, model=spec
